@@ -1,0 +1,92 @@
+"""Reading a Hugging Face checkpoint piece by piece: only the tensors a peer needs, only from their shards.
+
+A checkpoint is a local directory in Hugging Face layout (`config.json` plus `model.safetensors` or
+sharded `model-0000x-of-0000y.safetensors` with `model.safetensors.index.json`), or a repo id that
+is already in the local Hugging Face cache. Weights load from safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from swarm.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """Returns the local directory of a model: the path itself, or a cached snapshot of a repo id."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "model_index.json").is_file():
+            raise ConfigurationError(f"{path} is a directory but not a model: it has no config.json")
+        return path
+    if path.exists():
+        raise ConfigurationError(f"{path} is a file, not a model directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name_or_path), local_files_only=True))
+    except Exception as error:
+        raise ConfigurationError(
+            f"{name_or_path!r} is neither a local model directory nor a repo id in the local Hugging Face cache "
+            f"({type(error).__name__})"
+        ) from None
+
+
+def model_name_of(name_or_path: str | os.PathLike) -> str:
+    """The name a model goes by in the swarm: a repo id as is, a local directory by its base name."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path.resolve().name
+    return str(name_or_path)
+
+
+class CheckpointIndex:
+    """Knows which safetensors file holds each tensor of a checkpoint directory."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        index_path, single_path = directory / INDEX_FILE, directory / SINGLE_FILE
+        if index_path.is_file():
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            self.file_of = {name: directory / file for name, file in weight_map.items()}
+        elif single_path.is_file():
+            with safe_open(single_path, framework="pt") as reader:
+                self.file_of = {name: single_path for name in reader.keys()}
+        else:
+            raise ConfigurationError(
+                f"{directory} has no {SINGLE_FILE} nor {INDEX_FILE}: swarm loads weights from safetensors only"
+            )
+
+    def names(self, predicate: Callable[[str], bool]) -> list[str]:
+        return [name for name in self.file_of if predicate(name)]
+
+    def load(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Reads the given tensors, opening only the files that hold them."""
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for name in names:
+            by_file[self.file_of[name]].append(name)
+        tensors = {}
+        for file, file_names in by_file.items():
+            with safe_open(file, framework="pt") as reader:
+                for name in file_names:
+                    tensor = reader.get_tensor(name)
+                    tensors[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        return tensors
+
+    def load_prefix(self, prefix: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Reads every tensor whose name starts with `prefix`, keyed by the rest of the name."""
+        names = self.names(lambda name: name.startswith(prefix))
+        return {name[len(prefix) :]: tensor for name, tensor in self.load(names, dtype).items()}

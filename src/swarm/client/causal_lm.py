@@ -1,0 +1,183 @@
+"""A causal LM whose embeddings and head run here while its blocks run in the swarm.
+
+It is a `transformers` model: `model(input_ids)` returns `.logits`, and `.generate()` takes the
+usual arguments (greedy, sampling, streamers, batches with left padding). Each `.generate()` call
+runs in an inference session, so every step sends only the new token through the servers;
+inside `with model.inference_session(max_length=...)`, successive calls continue one conversation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Iterator
+
+import torch
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
+from swarm.checkpoint import CheckpointIndex
+from swarm.client.remote import InferenceSession, RemoteBlocks
+
+logger = logging.getLogger(__name__)
+
+
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = PretrainedConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _supports_sdpa = True  # attention runs on the servers; this only lets the config say "sdpa"
+
+    def __init__(self, config, family, remote: RemoteBlocks):
+        super().__init__(config)
+        self.family = family
+        self.remote = remote
+        for name, module in family.build_client_modules(config).items():
+            _set_submodule(self, name, module)
+        self._local = threading.local()
+
+    @classmethod
+    def from_checkpoint(cls, path, config, family, remote: RemoteBlocks, dtype=torch.float32):
+        """Builds the client side and loads only its tensors (embeddings, final norm, head)."""
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            model = cls(config, family, remote)
+        checkpoint = CheckpointIndex(path)
+        prefixes = tuple(f"{name}." for name in family.client_module_names())
+        tensors = checkpoint.load(checkpoint.names(lambda name: name.startswith(prefixes)), dtype)
+        model.load_state_dict(tensors, strict=False, assign=True)
+        family.tie_client_weights(model, config)
+        still_empty = [name for name, parameter in model.named_parameters() if parameter.is_meta]
+        if still_empty:
+            raise ValueError(f"the checkpoint at {path} lacks client-side tensors {still_empty}")
+        if (path / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        return model.to(dtype).eval().requires_grad_(False)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the servers keep the cache; the local side has none
+
+    @property
+    def active_session(self) -> InferenceSession | None:
+        return getattr(self._local, "session", None)
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int) -> Iterator[InferenceSession]:
+        """A session whose servers keep the KV cache; `.generate()` calls inside it continue one conversation."""
+        with self.remote.inference_session(max_length) as session, self._use_session(session):
+            yield session
+
+    @contextlib.contextmanager
+    def _use_session(self, session: InferenceSession):
+        previous = self.active_session
+        self._local.session = session
+        try:
+            yield session
+        finally:
+            self._local.session = previous
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden = self.family.embed(self, input_ids) if inputs_embeds is None else inputs_embeds
+        session = self.active_session if use_cache is not False else None
+        if session is not None:
+            skip, session.skip_tokens = session.skip_tokens, 0
+            hidden = hidden[:, skip:]
+            tokens = hidden.shape[1]
+            if position_ids is None:
+                position_ids = torch.arange(session.position, session.position + tokens).unsqueeze(0)
+            new_mask = attention_mask[:, -tokens:] if attention_mask is not None else None
+            tensors = {"hidden_states": hidden, "position_ids": position_ids[:, -tokens:], "attention_mask": new_mask}
+            hidden = session.step(tensors)["hidden_states"]
+        else:
+            if position_ids is None:
+                position_ids = torch.arange(hidden.shape[1]).unsqueeze(0)
+            tensors = {"hidden_states": hidden, "position_ids": position_ids, "attention_mask": attention_mask}
+            hidden = self.remote.forward(tensors)["hidden_states"]
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return CausalLMOutputWithPast(logits=self.family.head(self, hidden))
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None, **kwargs):
+        """`GenerationMixin.generate` in an inference session: the given one, the active one, or a new one.
+
+        In a session that already holds a conversation, `inputs` are the new tokens of this turn (or the whole
+        conversation so far, whose processed prefix is not sent again); the result starts where `inputs` start.
+        """
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        session = session or self.active_session
+        if kwargs.get("use_cache") is False:
+            return super().generate(inputs, *args, **kwargs)
+        if session is None:
+            max_length = self._session_length(inputs, kwargs)
+            with self.inference_session(max_length=max_length) as session:
+                return self._generate_in_session(session, inputs, *args, **kwargs)
+        with self._use_session(session):
+            return self._generate_in_session(session, inputs, *args, **kwargs)
+
+    def _generate_in_session(self, session: InferenceSession, inputs, *args, **kwargs):
+        history, crop = session.output_ids, 0
+        if history is not None:
+            inputs, crop, kwargs["attention_mask"] = _continue_conversation(
+                history, session.output_mask, inputs, kwargs.get("attention_mask")
+            )
+            session.skip_tokens = session.position
+        result = super().generate(inputs, *args, **kwargs)
+        sequences = result.sequences if isinstance(result, ModelOutput) else result
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            generated = sequences.shape[1] - mask.shape[1]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], generated)], dim=1)
+        session.output_ids, session.output_mask = sequences, mask
+        if not crop:
+            return result
+        if isinstance(result, ModelOutput):
+            result.sequences = sequences[:, crop:]
+            return result
+        return sequences[:, crop:]
+
+    def _session_length(self, inputs: torch.Tensor | None, kwargs: dict) -> int:
+        config = kwargs.get("generation_config") or self.generation_config
+        prompt_length = inputs.shape[1] if inputs is not None else 1
+        max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+        if max_new_tokens is not None:
+            return prompt_length + max_new_tokens
+        return max(kwargs.get("max_length", config.max_length) or 0, prompt_length + 1)
+
+
+def _continue_conversation(history, history_mask, inputs, mask):
+    """Joins a session's past tokens with this turn's inputs; returns (all tokens, tokens to crop, mask)."""
+    if inputs is None:
+        return history, 0, history_mask
+    if inputs.shape[1] >= history.shape[1] and torch.equal(inputs[:, : history.shape[1]], history):
+        return inputs, 0, mask
+    if history_mask is not None or mask is not None:
+        history_mask = history_mask if history_mask is not None else torch.ones_like(history)
+        mask = torch.cat([history_mask, mask if mask is not None else torch.ones_like(inputs)], dim=1)
+    return torch.cat([history, inputs], dim=1), history.shape[1], mask
+
+
+def _set_submodule(root: torch.nn.Module, dotted_name: str, module: torch.nn.Module):
+    *parents, name = dotted_name.split(".")
+    for parent in parents:
+        if not hasattr(root, parent):
+            root.add_module(parent, torch.nn.Module())
+        root = getattr(root, parent)
+    root.add_module(name, module)

@@ -1,0 +1,36 @@
+"""`python -m swarm.dht`: a bootstrap peer that hosts no blocks and prints the multiaddrs to join with."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+import hivemind
+
+from swarm.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(prog="python -m swarm.dht", description="Run a bootstrap DHT peer.")
+    parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (default: 0, any free port)")
+    parser.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="peers of an existing swarm")
+    args = parser.parse_args(argv)
+    configure_logging()
+    dht = hivemind.DHT(initial_peers=args.initial_peers, host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"], start=True)
+    stop = threading.Event()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, lambda *_: stop.set())
+    maddrs = " ".join(str(maddr) for maddr in dht.get_visible_maddrs())
+    print(f"To join this swarm, use --initial-peers {maddrs}", flush=True)
+    logger.info(f"ready: DHT bootstrap peer {dht.peer_id}")
+    stop.wait()
+    dht.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Every error that `swarm` raises on purpose, grouped by what a caller does about it.
+
+    SwarmError
+    ├── ConfigurationError        fix the arguments: bad model path, span, unsupported family
+    ├── RemoteError               a server answered with an error; do not retry
+    │   └── BadRequestError       the request was malformed or out of bounds (server stays up)
+    ├── ProtocolError             a message broke the wire format; the connection is dropped
+    ├── PeerError                 a peer failed or vanished: retry elsewhere
+    │   └── PeerTimeoutError      a peer did not answer in time
+    └── SwarmUnavailableError     the swarm can't serve the model now
+        └── MissingBlocksError    no server covers these blocks
+
+Only `PeerError` (and its subclasses) is a transport or peer failure worth retrying; everything
+else is raised at once.
+"""
+
+from __future__ import annotations
+
+
+class SwarmError(Exception):
+    """Base class of every error that `swarm` raises on purpose."""
+
+
+class ConfigurationError(SwarmError, ValueError):
+    """The caller asked for something that cannot work: a path that is not a model, a bad span, ..."""
+
+
+class RemoteError(SwarmError):
+    """A server received the request and answered with an error."""
+
+    def __init__(self, message: str, kind: str = "RemoteError"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class BadRequestError(RemoteError):
+    """The server rejected a request as malformed or out of bounds; it keeps serving others."""
+
+    def __init__(self, message: str):
+        super().__init__(message, kind="BadRequest")
+
+
+class ProtocolError(SwarmError):
+    """Bytes on the wire do not form a valid message."""
+
+
+class PeerError(SwarmError):
+    """A peer could not be reached, closed the connection or failed mid-request."""
+
+
+class PeerTimeoutError(PeerError, TimeoutError):
+    """A peer did not answer within the allotted time."""
+
+
+class SwarmUnavailableError(SwarmError):
+    """The swarm cannot serve the requested model right now."""
+
+
+class MissingBlocksError(SwarmUnavailableError):
+    """No server in the swarm covers some blocks of the model."""
+
+    def __init__(self, model_name: str, missing_blocks: list[int], waited: float):
+        self.model_name = model_name
+        self.missing_blocks = missing_blocks
+        spans = ", ".join(f"[{start}, {end})" for start, end in _ranges(missing_blocks))
+        super().__init__(
+            f"No server in the swarm serves blocks {spans} of model {model_name!r} "
+            f"(waited {waited:.1f} s). Start servers for these blocks or check --initial-peers."
+        )
+
+
+def _ranges(blocks: list[int]) -> list[tuple[int, int]]:
+    """Groups sorted block indices into half-open runs: [0, 1, 2, 5] -> [(0, 3), (5, 6)]."""
+    runs: list[tuple[int, int]] = []
+    for block in sorted(blocks):
+        if runs and runs[-1][1] == block:
+            runs[-1] = (runs[-1][0], block + 1)
+        else:
+            runs.append((block, block + 1))
+    return runs

@@ -1,0 +1,116 @@
+"""What a model family tells `swarm`: how to cut the model into blocks and how to run a span of them.
+
+The generic server and client never test a family's name; they only call this interface.
+A family is stateless: everything a server keeps between steps lives in the session state
+object the family creates (a KV cache, a growing attention mask, an encoder output, skip tensors).
+
+Inputs and outputs of a span are dicts of named tensors, so a family chooses what travels between
+peers (hidden states and position ids for a decoder; sample and time embedding for a UNet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from swarm.checkpoint import CheckpointIndex
+from swarm.errors import BadRequestError, ConfigurationError
+from swarm.spans import BlockSpan
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class LoadedSpan:
+    """The blocks a server hosts, with whatever a family needs beside them to run a span."""
+
+    config: Any  # the model's configuration, as prepared by the family for serving
+    span: BlockSpan  # the hosted blocks, half-open
+    blocks: nn.ModuleList  # blocks[i] is block span.start + i
+    dtype: torch.dtype  # dtype of the weights and of every floating-point tensor exchanged
+    device: torch.device
+    helpers: dict[str, nn.Module] = field(default_factory=dict)  # weightless modules shared by blocks
+
+    def blocks_of(self, sub_span: BlockSpan) -> list[nn.Module]:
+        return list(self.blocks[sub_span.start - self.span.start : sub_span.end - self.span.start])
+
+
+class ModelFamily:
+    """The interface each file in `swarm.models` implements once."""
+
+    model_types: tuple[str, ...] = ()  # values of `config.model_type` this family serves
+    architectures: tuple[str, ...] = ()  # class names in `config.architectures`, for messages
+
+    def num_blocks(self, config) -> int:
+        raise NotImplementedError
+
+    def prepare_config(self, config):
+        """Returns the configuration that servers and clients run the model with."""
+        return config
+
+    def block_prefix(self, config, index: int) -> str:
+        """The prefix of block `index`'s tensor names in the checkpoint."""
+        raise NotImplementedError
+
+    def build_block(self, config, index: int, local_index: int) -> nn.Module:
+        """Builds block `index` with empty weights; `local_index` is its position on this server."""
+        raise NotImplementedError
+
+    def convert_block_tensors(self, config, tensors: Tensors) -> Tensors:
+        """Renames or fuses one block's checkpoint tensors into the layout `build_block` expects."""
+        return tensors
+
+    def build_helpers(self, config, device: torch.device) -> dict[str, nn.Module]:
+        """Weightless modules a server needs besides the blocks (rotary embeddings, ...)."""
+        return {}
+
+    def new_session_state(self, loaded: LoadedSpan, sub_span: BlockSpan, max_length: int) -> Any:
+        """Creates what a session on `sub_span` keeps between steps."""
+        raise NotImplementedError
+
+    def check_inputs(self, loaded: LoadedSpan, inputs: Tensors, state: Any | None, max_length: int | None):
+        """Raises `BadRequestError` naming what is wrong with a request's tensors."""
+        raise NotImplementedError
+
+    def forward(self, loaded: LoadedSpan, sub_span: BlockSpan, inputs: Tensors, state: Any | None) -> Tensors:
+        """Runs blocks `sub_span` on `inputs`; `state` is None for a forward without a session."""
+        raise NotImplementedError
+
+    def example_inputs(self, loaded: LoadedSpan) -> Tensors:
+        """Inputs for one position of batch 1, used to measure the server's throughput."""
+        raise NotImplementedError
+
+    def state_length(self, state: Any) -> int:
+        """How many positions a session state holds (checked against the session's maximum length)."""
+        raise NotImplementedError
+
+
+def load_span(
+    family: ModelFamily, config, checkpoint: CheckpointIndex, span: BlockSpan, dtype: torch.dtype, device, progress=None
+) -> LoadedSpan:
+    """Builds blocks `span` with empty weights and fills them with their checkpoint tensors only."""
+    from accelerate import init_empty_weights
+
+    blocks = []
+    for index in range(span.start, span.end):
+        with init_empty_weights():
+            block = family.build_block(config, index, index - span.start)
+        tensors = family.convert_block_tensors(config, checkpoint.load_prefix(family.block_prefix(config, index)))
+        try:
+            block.load_state_dict(tensors, strict=True, assign=True)
+        except RuntimeError as error:
+            raise ConfigurationError(f"block {index} does not match its checkpoint tensors: {error}") from None
+        blocks.append(block.to(device=device, dtype=dtype).eval().requires_grad_(False))
+        if progress is not None:
+            progress.update(1)
+    helpers = family.build_helpers(config, device)
+    return LoadedSpan(config, span, nn.ModuleList(blocks), dtype, torch.device(device), helpers)
+
+
+def require(condition: bool, message: str):
+    """Raises `BadRequestError(message)` unless `condition` holds."""
+    if not condition:
+        raise BadRequestError(message)

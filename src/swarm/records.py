@@ -1,0 +1,101 @@
+"""Server records in the hivemind DHT: who serves which blocks of which model, and how well.
+
+For every block it hosts, a server stores a `ServerRecord` under the key `"{model}.block{i}"`,
+subkey = its peer id. Records expire `ttl` seconds after they were stored unless re-announced.
+Values are plain msgpack dicts (hivemind's serializer, never pickle). Readers keep only records
+whose known fields are valid and ignore unknown fields, so newer servers don't break older clients.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from hivemind import DHT
+from hivemind.utils import get_dht_time
+
+from swarm.spans import BlockSpan
+
+logger = logging.getLogger(__name__)
+
+
+class ServerState(str, enum.Enum):
+    JOINING = "joining"  # loading its blocks, not serving yet
+    ONLINE = "online"  # serving requests
+    OFFLINE = "offline"  # leaving or gone
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    peer_id: str  # the server's hivemind peer id (base58)
+    start: int  # first hosted block
+    end: int  # one past the last hosted block
+    state: ServerState
+    throughput: float  # tokens per second the server expects to process through its whole span
+    version: str  # swarm version of the server
+    address: str  # "host:port" of its tensor transport
+    dtype: str  # dtype of the hidden states it takes and returns
+
+    @property
+    def span(self) -> BlockSpan:
+        return BlockSpan(self.start, self.end)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "state": self.state.value}
+
+    @classmethod
+    def from_dict(cls, value: Any) -> "ServerRecord | None":
+        """Parses a DHT value; returns None for anything malformed. Unknown fields are ignored."""
+        if not isinstance(value, dict):
+            return None
+        try:
+            known = {field.name: value[field.name] for field in fields(cls)}
+            record = cls(**{**known, "state": ServerState(known["state"])})
+        except (KeyError, ValueError, TypeError):
+            return None
+        valid = (
+            isinstance(record.peer_id, str)
+            and isinstance(record.start, int)
+            and isinstance(record.end, int)
+            and 0 <= record.start < record.end
+            and isinstance(record.throughput, (int, float))
+            and record.throughput >= 0
+            and isinstance(record.version, str)
+            and isinstance(record.address, str)
+            and ":" in record.address
+            and isinstance(record.dtype, str)
+        )
+        return record if valid else None
+
+
+def block_key(model_name: str, block: int) -> str:
+    return f"{model_name}.block{block}"
+
+
+def announce(dht: DHT, model_name: str, record: ServerRecord, ttl: float) -> bool:
+    """Stores `record` under every block of its span; returns True if every store succeeded."""
+    expiration = get_dht_time() + ttl
+    futures = [
+        dht.store(block_key(model_name, block), record.to_dict(), expiration, subkey=record.peer_id, return_future=True)
+        for block in range(record.start, record.end)
+    ]
+    results = [future.result() for future in futures]
+    return all(results)
+
+
+def fetch_records(dht: DHT, model_name: str, num_blocks: int) -> list[list[ServerRecord]]:
+    """Returns, for each block of the model, the valid records of the servers announcing it."""
+    futures = [dht.get(block_key(model_name, block), latest=True, return_future=True) for block in range(num_blocks)]
+    records_by_block = []
+    for block, future in enumerate(futures):
+        found = future.result()
+        records = []
+        if found is not None and isinstance(found.value, dict):
+            for entry in found.value.values():
+                record = ServerRecord.from_dict(getattr(entry, "value", None))
+                if record is not None and block in record.span:
+                    records.append(record)
+        records_by_block.append(records)
+    return records_by_block

@@ -1,0 +1,80 @@
+"""`python -m swarm.server MODEL [--blocks START:END] (--initial-peers MADDR ... | --new-swarm)`"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import torch
+
+from swarm.errors import ConfigurationError
+from swarm.logs import configure_logging
+from swarm.server.config import ServerConfig
+from swarm.server.server import Server
+from swarm.spans import BlockSpan
+
+logger = logging.getLogger("swarm.server")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    parser = argparse.ArgumentParser(prog="python -m swarm.server", description="Serve a span of a model's blocks.")
+    parser.add_argument("model", help="model directory in Hugging Face layout, or a repo id in the local HF cache")
+    parser.add_argument("--blocks", type=BlockSpan.parse, help="half-open span START:END (default: all blocks)")
+    parser.add_argument("--model-name", help="name to announce in the DHT (default: repo id or directory name)")
+    peers = parser.add_mutually_exclusive_group()
+    peers.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR", help="multiaddrs of DHT peers")
+    peers.add_argument("--new-swarm", action="store_true", help="start a new swarm and print its multiaddrs")
+    parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=0, help="DHT port (default: 0, any free port)")
+    parser.add_argument("--transport-port", type=int, default=0, help="tensor transport port (default: any)")
+    parser.add_argument("--announce-host", help="address that clients dial (default: --host or a visible one)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations dtype")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--session-timeout", type=float, default=300.0, help="seconds an idle session lives")
+    parser.add_argument("--max-session-length", type=int, help="longest session (default: model's max positions)")
+    parser.add_argument("--announce-period", type=float, default=10.0, help="seconds between DHT announcements")
+    parser.add_argument("--record-ttl", type=float, default=30.0, help="seconds a DHT record lives")
+    args = parser.parse_args(argv)
+    return ServerConfig(
+        model=args.model,
+        blocks=args.blocks,
+        model_name=args.model_name,
+        initial_peers=args.initial_peers,
+        new_swarm=args.new_swarm,
+        host=args.host,
+        port=args.port,
+        transport_port=args.transport_port,
+        announce_host=args.announce_host,
+        dtype=DTYPES[args.dtype],
+        device=args.device,
+        session_timeout=args.session_timeout,
+        max_session_length=args.max_session_length,
+        announce_period=args.announce_period,
+        record_ttl=args.record_ttl,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging()
+    try:
+        config = parse_args(argv)
+        server = Server(config)
+    except ConfigurationError as error:
+        logger.error(f"error: {error}")
+        return 2
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, lambda *_: server.stop_requested.set())
+    try:
+        server.run()
+    except ConfigurationError as error:
+        logger.error(f"error: {error}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Everything a server can be told, in one dataclass; the CLI maps its flags onto it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from swarm.spans import BlockSpan
+
+
+@dataclass
+class ServerConfig:
+    model: str  # local model directory in Hugging Face layout, or a repo id in the local HF cache
+    blocks: BlockSpan | None = None  # blocks to host, half-open; None hosts the whole model
+    model_name: str | None = None  # name announced in the DHT; default: repo id or directory name
+    initial_peers: list[str] = field(default_factory=list)  # multiaddrs of any peer of the swarm's DHT
+    new_swarm: bool = False  # start a new swarm instead of joining one
+    host: str = "0.0.0.0"  # interface for the DHT and the tensor transport
+    port: int = 0  # DHT (libp2p) port; 0 picks a free one
+    transport_port: int = 0  # tensor transport port; 0 picks a free one
+    announce_host: str | None = None  # address clients should dial; default: host, or a visible address
+    dtype: torch.dtype = torch.float32  # weights and hidden states
+    device: str = "cpu"
+    session_timeout: float = 300.0  # seconds an idle session keeps its cache
+    max_session_length: int | None = None  # longest session allowed; default: the model's max positions
+    announce_period: float = 10.0  # seconds between re-announcements in the DHT
+    record_ttl: float = 30.0  # seconds a record lives unless re-announced
+    shutdown_grace: float = 2.0  # seconds to let in-flight requests finish on SIGTERM

@@ -1,0 +1,101 @@
+"""The server's RPCs: thin handlers that unpack a request, hand it to the family's math, pack the reply.
+
+Requests are `{"method": ..., ...fields}` plus named tensors (see `swarm.wire`):
+
+    info                                    -> model, span, dtype, version
+    forward  start, end         + tensors   -> tensors        (no cache)
+    open     start, end, max_length         -> session_id
+    step     session_id         + tensors   -> tensors, length
+    close    session_id                     -> closed
+    echo                        + tensors   -> the same tensors (measures the transport alone)
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from swarm.errors import BadRequestError
+from swarm.models.base import LoadedSpan, ModelFamily, Tensors, require
+from swarm.server.sessions import SessionManager
+from swarm.spans import BlockSpan
+from swarm.transport import ConnectionContext, Message
+from swarm.wire import dtype_name
+
+
+class RequestHandler:
+    def __init__(
+        self,
+        family: ModelFamily,
+        loaded: LoadedSpan,
+        sessions: SessionManager,
+        model_name: str,
+        version: str,
+        max_session_length: int,
+    ):
+        self.family = family
+        self.loaded = loaded
+        self.sessions = sessions
+        self.model_name = model_name
+        self.version = version
+        self.max_session_length = max_session_length
+        self.compute_lock = threading.Lock()  # one computation at a time: the cores are shared
+        self.accepting_sessions = True
+
+    def __call__(self, fields: dict[str, Any], tensors: Tensors, context: ConnectionContext) -> Message:
+        method = fields.get("method")
+        handler = getattr(self, f"rpc_{method}", None) if isinstance(method, str) else None
+        if handler is None:
+            raise BadRequestError(f"unknown method {method!r}")
+        return handler(fields, tensors, context)
+
+    def rpc_info(self, fields, tensors, context) -> Message:
+        span = self.loaded.span
+        info = {"model": self.model_name, "start": span.start, "end": span.end, "version": self.version}
+        return {**info, "dtype": dtype_name(self.loaded.dtype)}, {}
+
+    def rpc_echo(self, fields, tensors, context) -> Message:
+        return {}, tensors
+
+    def rpc_forward(self, fields, tensors, context) -> Message:
+        sub_span = self._sub_span(fields)
+        self.family.check_inputs(self.loaded, tensors, None, None)
+        with self.compute_lock, torch.inference_mode():
+            outputs = self.family.forward(self.loaded, sub_span, tensors, None)
+        return {}, outputs
+
+    def rpc_open(self, fields, tensors, context) -> Message:
+        require(self.accepting_sessions, "this server is shutting down and takes no new sessions")
+        sub_span = self._sub_span(fields)
+        max_length = fields.get("max_length")
+        require(isinstance(max_length, int) and max_length > 0, f"max_length must be a positive int, got {max_length!r}")
+        require(
+            max_length <= self.max_session_length,
+            f"max_length {max_length} exceeds this server's limit of {self.max_session_length} positions",
+        )
+        state = self.family.new_session_state(self.loaded, sub_span, max_length)
+        session = self.sessions.open(sub_span, max_length, state)
+        context.on_close.append(lambda: self.sessions.close(session.id))
+        return {"session_id": session.id}, {}
+
+    def rpc_step(self, fields, tensors, context) -> Message:
+        session = self.sessions.get(fields.get("session_id"))
+        with session.lock:
+            self.family.check_inputs(self.loaded, tensors, session.state, session.max_length)
+            with self.compute_lock, torch.inference_mode():
+                outputs = self.family.forward(self.loaded, session.span, tensors, session.state)
+            return {"length": self.family.state_length(session.state)}, outputs
+
+    def rpc_close(self, fields, tensors, context) -> Message:
+        return {"closed": self.sessions.close(fields.get("session_id"))}, {}
+
+    def _sub_span(self, fields: dict[str, Any]) -> BlockSpan:
+        start, end = fields.get("start"), fields.get("end")
+        hosted = self.loaded.span
+        require(
+            isinstance(start, int) and isinstance(end, int) and hosted.start <= start < end <= hosted.end,
+            f"blocks [{start}, {end}) are not within this server's span [{hosted.start}, {hosted.end})",
+        )
+        return BlockSpan(start, end)

@@ -1,0 +1,72 @@
+"""Inference sessions on a server: each keeps its blocks' state (a KV cache, ...) between steps.
+
+A session is freed when its client closes it, when the connection that opened it closes, or when it
+has been idle longer than the server's session timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from swarm.errors import BadRequestError
+from swarm.spans import BlockSpan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    id: str
+    span: BlockSpan  # blocks this session runs, within the server's span
+    max_length: int  # positions the session may hold, prefill included
+    state: Any  # the family's session state
+    last_used: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one step at a time
+
+
+class SessionManager:
+    def __init__(self, idle_timeout: float):
+        self.idle_timeout = idle_timeout
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def open(self, span: BlockSpan, max_length: int, state: Any) -> Session:
+        session = Session(id=uuid.uuid4().hex, span=span, max_length=max_length, state=state)
+        with self._lock:
+            self._sessions[session.id] = session
+        logger.debug(f"Opened session {session.id} on blocks {span}, max_length {max_length}")
+        return session
+
+    def get(self, session_id: Any) -> Session:
+        with self._lock:
+            session = self._sessions.get(session_id) if isinstance(session_id, str) else None
+        if session is None:
+            raise BadRequestError(f"session {session_id!r} is unknown or closed")
+        session.last_used = time.monotonic()
+        return session
+
+    def close(self, session_id: str) -> bool:
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+        if session is not None:
+            logger.debug(f"Closed session {session_id}")
+        return session is not None
+
+    def close_idle(self) -> int:
+        """Closes sessions idle for longer than the timeout; returns how many."""
+        deadline = time.monotonic() - self.idle_timeout
+        with self._lock:
+            idle = [session_id for session_id, session in self._sessions.items() if session.last_used < deadline]
+            for session_id in idle:
+                del self._sessions[session_id]
+        if idle:
+            logger.info(f"Closed {len(idle)} session(s) idle for more than {self.idle_timeout:.0f} s")
+        return len(idle)
+
+    def __len__(self) -> int:
+        return len(self._sessions)

@@ -1,0 +1,103 @@
+"""The wire format of every message between a client and a server. No pickle anywhere.
+
+A frame is::
+
+    u32 header_length | u32 body_length | header (UTF-8 JSON object) | body (raw tensor bytes)
+
+The header carries plain fields plus `"tensors"`, a list of `{"name", "dtype", "shape"}` entries
+whose bytes follow one another in the body, in order, each in native little-endian layout.
+Decoding checks every field against what the header promises before a tensor is built.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any
+
+import torch
+
+from swarm.errors import ProtocolError
+
+FRAME_PREFIX = struct.Struct("<II")
+MAX_HEADER_BYTES = 1 << 20
+MAX_BODY_BYTES = 1 << 31
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ProtocolError(f"dtype {dtype} cannot travel on the wire; supported: {sorted(DTYPES)}") from None
+
+
+def encode(fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> list[bytes | memoryview]:
+    """Builds one frame as a list of buffers, ready for `socket.sendmsg` (tensor bytes are not copied)."""
+    descriptors, buffers = [], []
+    for name, tensor in (tensors or {}).items():
+        tensor = tensor.detach().cpu().contiguous()
+        descriptors.append({"name": name, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)})
+        if tensor.numel():
+            buffers.append(memoryview(tensor.view(torch.uint8).numpy()).cast("B"))
+    header = json.dumps({**fields, "tensors": descriptors}, separators=(",", ":")).encode()
+    body_length = sum(len(buffer) for buffer in buffers)
+    return [FRAME_PREFIX.pack(len(header), body_length), header, *buffers]
+
+
+def decode_prefix(prefix: bytes) -> tuple[int, int]:
+    header_length, body_length = FRAME_PREFIX.unpack(prefix)
+    if header_length > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {header_length} bytes exceeds the limit of {MAX_HEADER_BYTES}")
+    if body_length > MAX_BODY_BYTES:
+        raise ProtocolError(f"body of {body_length} bytes exceeds the limit of {MAX_BODY_BYTES}")
+    return header_length, body_length
+
+
+def decode(header_bytes: bytes, body: bytearray) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Parses a header and body into plain fields and tensors, or raises `ProtocolError` saying why."""
+    try:
+        fields = json.loads(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ProtocolError(f"header is not valid JSON: {error}") from None
+    if not isinstance(fields, dict):
+        raise ProtocolError("header must be a JSON object")
+    descriptors = fields.pop("tensors", [])
+    if not isinstance(descriptors, list):
+        raise ProtocolError("header field 'tensors' must be a list")
+    tensors, offset = {}, 0
+    for descriptor in descriptors:
+        name, dtype, shape = _check_descriptor(descriptor)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if offset + nbytes > len(body):
+            raise ProtocolError(f"tensor {name!r} needs {nbytes} bytes but the body ends at {len(body)}")
+        flat = torch.frombuffer(body, dtype=torch.uint8, count=nbytes, offset=offset) if nbytes else None
+        tensors[name] = flat.view(dtype).reshape(shape) if flat is not None else torch.empty(shape, dtype=dtype)
+        offset += nbytes
+    if offset != len(body):
+        raise ProtocolError(f"body has {len(body) - offset} bytes that no tensor describes")
+    return fields, tensors
+
+
+def _check_descriptor(descriptor: Any) -> tuple[str, torch.dtype, list[int]]:
+    if not isinstance(descriptor, dict):
+        raise ProtocolError("each tensor descriptor must be an object")
+    name, dtype, shape = descriptor.get("name"), descriptor.get("dtype"), descriptor.get("shape")
+    if not isinstance(name, str):
+        raise ProtocolError("tensor descriptor needs a string 'name'")
+    if dtype not in DTYPES:
+        raise ProtocolError(f"tensor {name!r} has unsupported dtype {dtype!r}; supported: {sorted(DTYPES)}")
+    if not isinstance(shape, list) or not all(isinstance(dim, int) and 0 <= dim < 2**31 for dim in shape):
+        raise ProtocolError(f"tensor {name!r} has an invalid shape {shape!r}")
+    return name, DTYPES[dtype], shape
