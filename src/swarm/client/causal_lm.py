@@ -118,7 +118,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         """`GenerationMixin.generate` in an inference session: the given one, the active one, or a new one.
 
         In a session that already holds a conversation, `inputs` are the new tokens of this turn (or the whole
-        conversation so far, whose processed prefix is not sent again); the result starts where `inputs` start.
+        conversation so far, whose processed prefix is not sent again); the result starts where `inputs` start
+        (with `inputs=None`, the conversation simply goes on and the result holds only the new tokens).
         """
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
@@ -165,7 +166,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 def _continue_conversation(history, history_mask, inputs, mask):
     """Joins a session's past tokens with this turn's inputs; returns (all tokens, tokens to crop, mask)."""
     if inputs is None:
-        return history, 0, history_mask
+        return history, history.shape[1], history_mask
     if inputs.shape[1] >= history.shape[1] and torch.equal(inputs[:, : history.shape[1]], history):
         return inputs, 0, mask
     if history_mask is not None or mask is not None:

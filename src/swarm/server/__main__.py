@@ -20,10 +20,17 @@ logger = logging.getLogger("swarm.server")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def span_argument(text: str) -> BlockSpan:
+    try:
+        return BlockSpan.parse(text)
+    except ConfigurationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser = argparse.ArgumentParser(prog="python -m swarm.server", description="Serve a span of a model's blocks.")
     parser.add_argument("model", help="model directory in Hugging Face layout, or a repo id in the local HF cache")
-    parser.add_argument("--blocks", type=BlockSpan.parse, help="half-open span START:END (default: all blocks)")
+    parser.add_argument("--blocks", type=span_argument, help="half-open span START:END (default: all blocks)")
     parser.add_argument("--model-name", help="name to announce in the DHT (default: repo id or directory name)")
     peers = parser.add_mutually_exclusive_group()
     peers.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR", help="multiaddrs of DHT peers")

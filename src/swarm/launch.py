@@ -1,0 +1,198 @@
+"""Starting a swarm of real processes on this machine: a bootstrap peer and servers, stopped by PID.
+
+Used by the demo, the benchmarks and the tests:
+
+    with LocalSwarm(model_dir, spans=["0:10", "10:20", "20:30"]) as swarm:
+        model = AutoDistributedModel.from_pretrained(model_dir, initial_peers=swarm.initial_peers)
+
+Every process binds 127.0.0.1 unless told otherwise, and every wait is bounded in time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+MADDR_PATTERN = re.compile(r"/ip4/\S+/tcp/\d+/p2p/\w+")
+
+
+class PeerProcess:
+    """One `python -m ...` child process whose output is collected in the background."""
+
+    def __init__(self, args: list[str], name: str, env: dict[str, str] | None = None, log_path: Path | None = None):
+        self.name = name
+        self.args = args
+        self.address: str | None = None  # a server's transport address, once it is ready
+        self.lines: deque[str] = deque(maxlen=2000)
+        self._new_line = threading.Condition()
+        self._log = open(log_path, "w") if log_path else None
+        self.process = subprocess.Popen(
+            [sys.executable, "-u", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read_output, daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _read_output(self):
+        for line in self.process.stdout:
+            if self._log:
+                self._log.write(line)
+                self._log.flush()
+            with self._new_line:
+                self.lines.append(line.rstrip("\n"))
+                self._new_line.notify_all()
+        with self._new_line:
+            self._new_line.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        """Waits until a line of output matches `pattern`; raises if the process exits or time runs out."""
+        regex, deadline, seen = re.compile(pattern), time.monotonic() + timeout, 0
+        with self._new_line:
+            while True:
+                lines = list(self.lines)
+                for line in lines[seen:]:
+                    if match := regex.search(line):
+                        return match
+                seen = len(lines)
+                remaining = deadline - time.monotonic()
+                if self.process.poll() is not None and not self._reader.is_alive():
+                    raise RuntimeError(f"{self.name} exited with code {self.process.returncode}:\n{self.output()}")
+                if remaining <= 0:
+                    raise TimeoutError(f"{self.name} printed no line matching {pattern!r} in {timeout} s:\n{self.output()}")
+                self._new_line.wait(min(remaining, 0.5))
+
+    def wait_ready(self, timeout: float) -> str:
+        """Waits for a server's `ready:` line; returns (and keeps in `.address`) its transport address."""
+        self.address = self.wait_for(r"ready: .* at (\S+:\d+)", timeout).group(1)
+        return self.address
+
+    def output(self, last: int = 40) -> str:
+        return "\n".join(list(self.lines)[-last:])
+
+    def signal(self, signal_number: int):
+        if self.process.poll() is None:
+            os.kill(self.pid, signal_number)
+
+    def stop(self, timeout: float = 10.0):
+        """SIGTERM, then SIGKILL after `timeout`; also kills the process group (hivemind's p2pd children)."""
+        if self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.process.wait(timeout)
+        self._reader.join(timeout)
+        if self._log:
+            self._log.close()
+
+
+def start_bootstrap(host: str = "127.0.0.1", timeout: float = 60.0, **kwargs) -> tuple[PeerProcess, list[str]]:
+    """Starts `python -m swarm.dht`; returns it and the multiaddrs to join with."""
+    peer = PeerProcess(["-m", "swarm.dht", "--host", host], name="bootstrap", **kwargs)
+    line = peer.wait_for(r"--initial-peers (.+)", timeout).group(1)
+    return peer, MADDR_PATTERN.findall(line)
+
+
+def launch_server(
+    model: str | Path, blocks: str | None, initial_peers: list[str], *extra_args: str, **kwargs
+) -> PeerProcess:
+    """Starts `python -m swarm.server` on 127.0.0.1 without waiting for it."""
+    args = ["-m", "swarm.server", str(model), "--host", "127.0.0.1", "--initial-peers", *initial_peers]
+    if blocks is not None:
+        args += ["--blocks", blocks]
+    return PeerProcess(args + list(extra_args), name=f"server {blocks or 'all'}", **kwargs)
+
+
+def start_server(
+    model: str | Path, blocks: str | None, initial_peers: list[str], *extra_args: str, timeout: float = 120.0, **kwargs
+) -> PeerProcess:
+    """Starts `python -m swarm.server` on 127.0.0.1 and waits for its `ready:` line."""
+    server = launch_server(model, blocks, initial_peers, *extra_args, **kwargs)
+    try:
+        server.wait_ready(timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+class LocalSwarm:
+    """A bootstrap peer plus one server per span, all on 127.0.0.1; stops them all on exit."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        spans: list[str | None],
+        server_args: tuple[str, ...] = (),
+        log_dir: str | Path | None = None,
+        ready_timeout: float = 180.0,
+    ):
+        self.model = model
+        self.ready_timeout = ready_timeout
+        self.spans = spans
+        self.server_args = server_args
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.bootstrap: PeerProcess | None = None
+        self.servers: list[PeerProcess] = []
+        self.initial_peers: list[str] = []
+
+    def __enter__(self) -> "LocalSwarm":
+        try:
+            self.bootstrap, self.initial_peers = start_bootstrap(log_path=self._log_path("bootstrap"))
+            launched = [self.launch_server(span) for span in self.spans]
+            for server in launched:
+                server.wait_ready(self.ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def launch_server(self, span: str | None, *extra_args: str) -> PeerProcess:
+        """Starts one more server without waiting for it to be ready."""
+        log_path = self._log_path(f"server-{(span or 'all').replace(':', '-')}-{len(self.servers)}")
+        server = launch_server(self.model, span, self.initial_peers, *self.server_args, *extra_args, log_path=log_path)
+        self.servers.append(server)
+        return server
+
+    def add_server(self, span: str | None, *extra_args: str) -> PeerProcess:
+        """Starts one more server and waits for its `ready:` line."""
+        server = self.launch_server(span, *extra_args)
+        server.wait_ready(self.ready_timeout)
+        return server
+
+    def _log_path(self, name: str) -> Path | None:
+        if self.log_dir is None:
+            return None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return self.log_dir / f"{name}.log"
+
+    def stop(self):
+        peers = [peer for peer in [*self.servers, self.bootstrap] if peer is not None]
+        for peer in peers:
+            peer.signal(signal.SIGTERM)
+        for peer in peers:
+            peer.stop()
+
+    def __exit__(self, *exc_info):
+        self.stop()

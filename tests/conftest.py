@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random checkpoints saved to disk, and real swarms of processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import psutil
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from swarm.launch import LocalSwarm
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def make_tiny_llama(directory, **overrides):
+    """A random Llama with uneven dimensions and grouped KV heads whose greedy tokens vary."""
+    settings = dict(
+        vocab_size=131,
+        hidden_size=60,
+        intermediate_size=97,
+        num_hidden_layers=5,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    settings.update(overrides)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**settings)).eval()
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def local_tiny_llama(tiny_llama):
+    return LlamaForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def llama_swarm_3(tiny_llama, tmp_path_factory):
+    """Three servers with uneven spans."""
+    with LocalSwarm(tiny_llama, ["0:1", "1:4", "4:5"], log_dir=tmp_path_factory.mktemp("logs")) as swarm:
+        yield swarm
+
+
+@pytest.fixture(autouse=True, scope="session")
+def reap_children():
+    """Kills any child process a test left behind (servers, DHT peers, p2pd daemons)."""
+    yield
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass

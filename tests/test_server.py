@@ -1,0 +1,169 @@
+"""The server: its CLI, and bad input that gets a clear error while the server keeps serving everyone else."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import hivemind
+import pytest
+import torch
+
+from swarm import AutoDistributedModel
+from swarm.errors import BadRequestError, PeerError
+from swarm.launch import LocalSwarm, PeerProcess
+from swarm.records import ServerState, fetch_records
+from swarm.transport import Connection
+
+
+def run_server_cli(*args, timeout=60):
+    return subprocess.run(
+        [sys.executable, "-m", "swarm.server", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_cli_new_swarm_prints_multiaddrs_and_serves(tiny_llama, local_tiny_llama):
+    server = PeerProcess(
+        ["-m", "swarm.server", str(tiny_llama), "--new-swarm", "--host", "127.0.0.1", "--blocks", "0:5"],
+        name="server",
+    )
+    try:
+        maddrs = server.wait_for(r"--initial-peers (/ip4/\S+)", timeout=60).group(1).split()
+        ready = server.wait_for(r"ready: .*", timeout=120).group(0)
+        assert "tiny-llama" in ready and "0:5" in ready
+        model = AutoDistributedModel.from_pretrained(tiny_llama, initial_peers=maddrs, coverage_timeout=30)
+        input_ids = torch.tensor([[5, 6, 7, 8]])
+        assert torch.equal(model.generate(input_ids, max_new_tokens=4), local_tiny_llama.generate(input_ids, max_new_tokens=4))
+        model.remote.shutdown()
+    finally:
+        server.stop()
+
+
+def test_sigterm_announces_offline_and_exits_quickly(tiny_llama):
+    with LocalSwarm(tiny_llama, ["0:5"]) as swarm:
+        server = swarm.servers[0]
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        server.process.wait(timeout=15)
+        assert time.monotonic() - started < 5
+        assert server.process.returncode == 0
+        reader = hivemind.DHT(initial_peers=swarm.initial_peers, client_mode=True, start=True)
+        try:
+            records = fetch_records(reader, "tiny-llama", 5)
+        finally:
+            reader.shutdown()
+        assert all(len(block) == 1 and block[0].state == ServerState.OFFLINE for block in records), records
+
+
+def test_path_that_is_not_a_model_is_rejected(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    result = run_server_cli(str(tmp_path), "--new-swarm", "--host", "127.0.0.1")
+    assert result.returncode == 2
+    assert "not a model" in result.stderr and str(tmp_path) in result.stderr
+    result = run_server_cli(str(tmp_path / "missing"), "--new-swarm", "--host", "127.0.0.1")
+    assert result.returncode == 2 and "neither a local model directory" in result.stderr
+
+
+def test_span_outside_the_model_is_rejected(tiny_llama):
+    result = run_server_cli(str(tiny_llama), "--blocks", "3:9", "--new-swarm", "--host", "127.0.0.1")
+    assert result.returncode == 2
+    assert "3:9" in result.stderr and "0:5" in result.stderr
+    result = run_server_cli(str(tiny_llama), "--blocks", "4:2", "--new-swarm", "--host", "127.0.0.1")
+    assert result.returncode == 2 and "START:END" in result.stderr
+
+
+def test_unsupported_family_is_rejected(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
+    result = run_server_cli(str(tmp_path), "--new-swarm", "--host", "127.0.0.1")
+    assert result.returncode == 2
+    assert "'gpt2' is not supported" in result.stderr and "LlamaForCausalLM" in result.stderr
+
+
+@pytest.fixture
+def first_server(llama_swarm_3):
+    connection = Connection(llama_swarm_3.servers[0].address, timeout=30)
+    yield connection
+    connection.close()
+
+
+def open_session(connection, max_length=8):
+    reply, _ = connection.request({"method": "open", "start": 0, "end": 1, "max_length": max_length})
+    return reply["session_id"]
+
+
+def step(connection, session_id, hidden):
+    return connection.request({"method": "step", "session_id": session_id}, {"hidden_states": hidden})
+
+
+def test_bad_steps_get_clear_errors(first_server):
+    session_id = open_session(first_server)
+    with pytest.raises(BadRequestError, match=r"hidden_states must have shape \(batch, tokens, 60\)"):
+        step(first_server, session_id, torch.zeros(1, 2, 59))
+    with pytest.raises(BadRequestError, match="must be torch.float32"):
+        step(first_server, session_id, torch.zeros(1, 2, 60, dtype=torch.float16))
+    reply, outputs = step(first_server, session_id, torch.zeros(1, 6, 60))
+    assert reply["length"] == 6 and outputs["hidden_states"].shape == (1, 6, 60)
+    with pytest.raises(BadRequestError, match="past the session's max_length 8"):
+        step(first_server, session_id, torch.zeros(1, 3, 60))
+    with pytest.raises(BadRequestError, match="batch of 1"):
+        step(first_server, session_id, torch.zeros(2, 1, 60))
+    with pytest.raises(BadRequestError, match="unexpected tensors"):
+        first_server.request({"method": "step", "session_id": session_id}, {"hidden_states": torch.zeros(1, 1, 60), "x": torch.zeros(1)})
+    reply, _ = step(first_server, session_id, torch.zeros(1, 2, 60))
+    assert reply["length"] == 8
+
+
+def test_unknown_and_closed_sessions(first_server):
+    with pytest.raises(BadRequestError, match="unknown or closed"):
+        step(first_server, "no-such-session", torch.zeros(1, 1, 60))
+    session_id = open_session(first_server)
+    assert first_server.request({"method": "close", "session_id": session_id})[0]["closed"]
+    with pytest.raises(BadRequestError, match="unknown or closed"):
+        step(first_server, session_id, torch.zeros(1, 1, 60))
+
+
+def test_bad_requests(first_server):
+    with pytest.raises(BadRequestError, match="unknown method"):
+        first_server.request({"method": "explode"})
+    with pytest.raises(BadRequestError, match=r"not within this server's span \[0, 1\)"):
+        first_server.request({"method": "forward", "start": 0, "end": 3}, {"hidden_states": torch.zeros(1, 1, 60)})
+    with pytest.raises(BadRequestError, match="max_length"):
+        first_server.request({"method": "open", "start": 0, "end": 1, "max_length": 10**9})
+    with pytest.raises(BadRequestError, match="no 'hidden_states'"):
+        first_server.request({"method": "forward", "start": 0, "end": 1})
+
+
+def test_malformed_messages_do_not_disturb_other_clients(llama_swarm_3, first_server, tiny_llama, local_tiny_llama):
+    host, port = llama_swarm_3.servers[0].address.split(":")
+    garbage = [b"\xff" * 64, b"\x05\x00\x00\x00\x00\x00\x00\x00{nope", _frame({"tensors": [{"name": "x", "dtype": "f", "shape": [1]}]})]
+    for payload in garbage:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            reply = sock.recv(65536)
+        assert b"error" in reply or reply == b""
+    reply, outputs = first_server.request({"method": "echo"}, {"x": torch.ones(3)})
+    assert torch.equal(outputs["x"], torch.ones(3))
+    model = AutoDistributedModel.from_pretrained(tiny_llama, initial_peers=llama_swarm_3.initial_peers)
+    input_ids = torch.tensor([[9, 10, 11]])
+    assert torch.equal(model.generate(input_ids, max_new_tokens=3), local_tiny_llama.generate(input_ids, max_new_tokens=3))
+    model.remote.shutdown()
+
+
+def test_connection_to_a_dead_address_is_a_peer_error():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(PeerError):
+        Connection(f"127.0.0.1:{port}", timeout=5)
+
+
+def _frame(header: dict) -> bytes:
+    encoded = json.dumps(header).encode()
+    return len(encoded).to_bytes(4, "little") + (4).to_bytes(4, "little") + encoded + b"\0" * 4
