@@ -170,3 +170,9 @@ def test_two_clients_generate_at_once(tiny_llama, llama_swarm_3, local_tiny_llam
     assert not errors, errors
     for result, reference in zip(results, expected):
         assert torch.equal(result, reference)
+
+
+def test_beam_search_matches_local(model_3, local_tiny_llama):
+    input_ids = random_ids(2, 6, seed=13)
+    settings = dict(num_beams=3, max_new_tokens=8, num_return_sequences=2, early_stopping=True)
+    assert torch.equal(model_3.generate(input_ids, **settings), local_tiny_llama.generate(input_ids, **settings))

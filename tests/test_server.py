@@ -167,3 +167,34 @@ def test_connection_to_a_dead_address_is_a_peer_error():
 def _frame(header: dict) -> bytes:
     encoded = json.dumps(header).encode()
     return len(encoded).to_bytes(4, "little") + (4).to_bytes(4, "little") + encoded + b"\0" * 4
+
+
+@pytest.fixture(scope="module")
+def bfloat16_swarm(tiny_llama):
+    args = ("--dtype", "bfloat16", "--session-timeout", "1", "--announce-period", "0.5")
+    with LocalSwarm(tiny_llama, ["0:5"], server_args=args) as swarm:
+        yield swarm
+
+
+def test_idle_sessions_are_freed(bfloat16_swarm):
+    connection = Connection(bfloat16_swarm.servers[0].address, timeout=30)
+    try:
+        reply, _ = connection.request({"method": "open", "start": 0, "end": 5, "max_length": 4})
+        time.sleep(3)
+        with pytest.raises(BadRequestError, match="unknown or closed"):
+            step(connection, reply["session_id"], torch.zeros(1, 1, 60, dtype=torch.bfloat16))
+    finally:
+        connection.close()
+
+
+def test_bfloat16_server_serves_a_float32_client(bfloat16_swarm, tiny_llama, local_tiny_llama):
+    model = AutoDistributedModel.from_pretrained(tiny_llama, initial_peers=bfloat16_swarm.initial_peers)
+    try:
+        input_ids = torch.tensor([[7, 8, 9, 10, 11]])
+        with torch.no_grad():
+            logits = model(input_ids).logits
+        assert logits.dtype == torch.float32
+        torch.testing.assert_close(logits, local_tiny_llama(input_ids).logits, atol=0.1, rtol=0.05)
+        assert model.generate(input_ids, max_new_tokens=4).shape == (1, 9)
+    finally:
+        model.remote.shutdown()

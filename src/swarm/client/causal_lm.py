@@ -62,6 +62,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the servers keep the cache; the local side has none
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        model_kwargs.setdefault("cache", None)  # a key, so that beam search calls `_reorder_cache`
+
+    def _reorder_cache(self, cache, beam_idx: torch.Tensor):
+        """Beam search keeps the beams `beam_idx`: the servers reorder their caches before the next step."""
+        if self.active_session is not None:
+            self.active_session.reorder(beam_idx)
+        return cache
+
     @property
     def active_session(self) -> InferenceSession | None:
         return getattr(self._local, "session", None)
@@ -103,7 +112,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             if position_ids is None:
                 position_ids = torch.arange(session.position, session.position + tokens).unsqueeze(0)
             new_mask = attention_mask[:, -tokens:] if attention_mask is not None else None
-            tensors = {"hidden_states": hidden, "position_ids": position_ids[:, -tokens:], "attention_mask": new_mask}
+            tensors = {
+                "hidden_states": hidden,
+                "position_ids": position_ids[:, -tokens:],
+                "attention_mask": new_mask,
+                "hypo_ids": session.take_hypo_ids(),
+            }
             hidden = session.step(tensors)["hidden_states"]
         else:
             if position_ids is None:

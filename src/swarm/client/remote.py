@@ -100,6 +100,7 @@ class InferenceSession:
         self.output_ids: torch.Tensor | None = None  # tokens of the conversation so far (for generate)
         self.output_mask: torch.Tensor | None = None  # their attention mask, None while all ones
         self.skip_tokens = 0  # leading tokens of the next step that the servers have already seen
+        self._hypo_ids: torch.Tensor | None = None  # row order for the servers' caches at the next step
         self.route: list[Hop] = []
         self._server_sessions: list[tuple[Hop, Connection, str]] = []
         self.closed = False
@@ -114,6 +115,15 @@ class InferenceSession:
             reply, _ = connection.request(fields)
             self._server_sessions.append((hop, connection, reply["session_id"]))
         return self
+
+    def reorder(self, hypo_ids: torch.Tensor):
+        """Reorders the rows of every server's cache at the next step (composes with a pending reorder)."""
+        hypo_ids = hypo_ids.long().cpu()
+        self._hypo_ids = hypo_ids if self._hypo_ids is None else self._hypo_ids[hypo_ids]
+
+    def take_hypo_ids(self) -> torch.Tensor | None:
+        hypo_ids, self._hypo_ids = self._hypo_ids, None
+        return hypo_ids
 
     def step(self, tensors: Tensors) -> Tensors:
         """Sends the new positions through every hop (see `run_route`); returns the last hop's outputs."""

@@ -4,6 +4,8 @@ A request to a span carries:
     hidden_states   (batch, new_tokens, hidden_size)  in the server's dtype
     position_ids    (batch or 1, new_tokens)           int64, optional (default: next positions)
     attention_mask  (batch, new_tokens)                0/1 for the new tokens, optional (default: all 1)
+    hypo_ids        (batch,)                           int64, optional: reorders a session's cache first
+                                                       (beam search keeps the beams it continues)
 and the reply carries `hidden_states` of the same shape. A session keeps the KV cache of its blocks
 and the attention mask of every position so far, so steps send only new tokens.
 """
@@ -30,6 +32,12 @@ class DecoderState:
     attention_mask: torch.Tensor | None = None  # (batch, past_length), None while it is all ones
     length: int = 0  # positions processed so far
     batch_size: int | None = None
+
+    def reorder(self, hypo_ids: torch.Tensor):
+        """Keeps, for each row, the history of row `hypo_ids[row]` (beam search)."""
+        self.cache.reorder_cache(hypo_ids)
+        if self.attention_mask is not None:
+            self.attention_mask = self.attention_mask[hypo_ids.to(self.attention_mask.device)]
 
     def extend_mask(self, new_mask: torch.Tensor | None, batch_size: int, new_tokens: int) -> torch.Tensor | None:
         """Appends the new tokens' mask; returns the mask of all positions (None while all ones)."""
@@ -93,7 +101,7 @@ class DecoderOnlyFamily(ModelFamily):
             f"hidden_states must be {loaded.dtype} on this server, got {hidden.dtype}",
         )
         batch, tokens = hidden.shape[:2]
-        unexpected = set(inputs) - {"hidden_states", "position_ids", "attention_mask"}
+        unexpected = set(inputs) - {"hidden_states", "position_ids", "attention_mask", "hypo_ids"}
         require(not unexpected, f"unexpected tensors {sorted(unexpected)}")
         positions = inputs.get("position_ids")
         if positions is not None:
@@ -108,6 +116,17 @@ class DecoderOnlyFamily(ModelFamily):
             require(
                 tuple(mask.shape) == (batch, tokens) and not mask.is_floating_point(),
                 f"attention_mask must be an integer or bool tensor of shape ({batch}, {tokens}), got {tuple(mask.shape)}",
+            )
+        hypo_ids = inputs.get("hypo_ids")
+        if hypo_ids is not None:
+            require(state is not None, "hypo_ids only make sense in a session")
+            require(
+                hypo_ids.dtype == torch.int64 and tuple(hypo_ids.shape) == (batch,),
+                f"hypo_ids must be int64 of shape ({batch},), got {hypo_ids.dtype} {tuple(hypo_ids.shape)}",
+            )
+            require(
+                state.batch_size is not None and bool(((hypo_ids >= 0) & (hypo_ids < state.batch_size)).all()),
+                f"hypo_ids must index the session's batch of {state.batch_size}",
             )
         if state is not None:
             require(
@@ -131,6 +150,8 @@ class DecoderOnlyFamily(ModelFamily):
         if state is None:
             cache, mask, first_layer = None, new_mask, 0
         else:
+            if (hypo_ids := inputs.get("hypo_ids")) is not None:
+                state.reorder(hypo_ids.to(loaded.device))
             cache, mask, first_layer = state.cache, state.extend_mask(new_mask, batch, tokens), state.first_layer
         causal_mask = self.make_causal_mask(loaded, hidden, mask, cache, positions, first_layer)
         position_embeddings = loaded.helpers["rotary"](hidden, position_ids=positions)
