@@ -2,16 +2,17 @@
 
     SwarmError
     ├── ConfigurationError        fix the arguments: bad model path, span, unsupported family
-    ├── RemoteError               a server answered with an error; do not retry
-    │   └── BadRequestError       the request was malformed or out of bounds (server stays up)
+    ├── RemoteError               a server answered with an error of its own: retry elsewhere
+    │   ├── BadRequestError       the request was malformed or out of bounds (server stays up): a bug, not retried
+    │   └── ServerUnavailableError  the server is leaving and takes no new sessions: retry elsewhere
     ├── ProtocolError             a message broke the wire format; the connection is dropped
     ├── PeerError                 a peer failed or vanished: retry elsewhere
     │   └── PeerTimeoutError      a peer did not answer in time
     └── SwarmUnavailableError     the swarm can't serve the model now
         └── MissingBlocksError    no server covers these blocks
 
-Only `PeerError` (and its subclasses) is a transport or peer failure worth retrying; everything
-else is raised at once.
+`PeerError` and `RemoteError` other than `BadRequestError` are failures of a peer, worth retrying on
+another one (see `swarm.client.retry`); everything else is raised at once.
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ class BadRequestError(RemoteError):
 
     def __init__(self, message: str):
         super().__init__(message, kind="BadRequest")
+
+
+class ServerUnavailableError(RemoteError):
+    """The server is shutting down or not ready; another server should take the request."""
+
+    def __init__(self, message: str):
+        super().__init__(message, kind="Unavailable")
 
 
 class ProtocolError(SwarmError):

@@ -33,6 +33,9 @@ class BlockSpan:
     def __len__(self) -> int:
         return self.end - self.start
 
+    def __iter__(self):
+        return iter(range(self.start, self.end))
+
     def __contains__(self, block: int) -> bool:
         return self.start <= block < self.end
 

@@ -15,7 +15,14 @@ from typing import Any, Callable
 import torch
 
 from swarm import wire
-from swarm.errors import BadRequestError, PeerError, PeerTimeoutError, ProtocolError, RemoteError
+from swarm.errors import (
+    BadRequestError,
+    PeerError,
+    PeerTimeoutError,
+    ProtocolError,
+    RemoteError,
+    ServerUnavailableError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +127,8 @@ class TensorServer:
         except (BadRequestError, ProtocolError) as error:
             logger.info(f"Rejected a request from {context.peer}: {error}")
             return _try_send(sock, {"error": {"kind": "BadRequest", "message": str(error)}})
+        except RemoteError as error:
+            return _try_send(sock, {"error": {"kind": error.kind, "message": str(error)}})
         except Exception as error:
             logger.exception(f"Failed to serve a request from {context.peer}")
             return _try_send(sock, {"error": {"kind": type(error).__name__, "message": str(error)}})
@@ -182,4 +191,8 @@ class Connection:
 def _remote_error(address: str, error: Any) -> RemoteError:
     kind = error.get("kind", "RemoteError") if isinstance(error, dict) else "RemoteError"
     message = f"{address}: {error.get('message', error) if isinstance(error, dict) else error}"
-    return BadRequestError(message) if kind in ("BadRequest", "ProtocolError") else RemoteError(message, kind)
+    if kind in ("BadRequest", "ProtocolError"):
+        return BadRequestError(message)
+    if kind == "Unavailable":
+        return ServerUnavailableError(message)
+    return RemoteError(message, kind)

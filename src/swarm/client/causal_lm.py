@@ -20,7 +20,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from swarm.checkpoint import CheckpointIndex
-from swarm.client.remote import InferenceSession, RemoteBlocks
+from swarm.client.remote import RemoteBlocks
+from swarm.client.session import InferenceSession
 
 logger = logging.getLogger(__name__)
 

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from swarm.client.retry import RetryPolicy
+
 
 @dataclass
 class ClientConfig:
     initial_peers: list[str] = field(default_factory=list)  # multiaddrs of any peer of the swarm's DHT
     model_name: str | None = None  # name the servers announce; default: repo id or directory name
     coverage_timeout: float = 60.0  # seconds to wait for servers to cover every block before giving up
-    connect_timeout: float = 10.0  # seconds to open a connection to a server
-    request_timeout: float = 120.0  # seconds to wait for one server's answer to one request
+    connect_timeout: float = 5.0  # seconds to open a connection to a server
+    step_timeout: float = 30.0  # seconds a server may take per 256 tokens of a request before it counts as hung
+    ping_timeout: float = 2.0  # seconds to wait for a ping while measuring latencies
+    latency_smoothing: float = 0.3  # weight of a new ping in the moving average of a server's latency
+    ban_duration: float = 60.0  # seconds a failed server is left out of routes
+    records_max_age: float = 5.0  # seconds DHT records are reused before being fetched again
     poll_period: float = 0.5  # seconds between DHT look-ups while waiting for coverage
+    pinned_peers: set[str] = field(default_factory=set)  # peer ids to use wherever they serve a block
+    excluded_peers: set[str] = field(default_factory=set)  # peer ids never to use
+    retry: RetryPolicy = field(default_factory=RetryPolicy)  # how failed requests are retried elsewhere

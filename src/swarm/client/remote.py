@@ -1,29 +1,33 @@
-"""The client's view of the remote blocks: finding servers, forward passes and inference sessions.
+"""The client's view of the remote blocks: finding servers, measuring them, and running hidden states
+through them, with failover.
 
-`RemoteBlocks` runs hidden states through a route of servers covering the model's blocks.
-`InferenceSession` keeps one server-side session per hop, so each step sends only the new tokens.
+`RemoteBlocks` keeps the swarm's records, the measured latencies and the bans, and runs forward passes.
+`InferenceSession` (in `swarm.client.session`) keeps one server-side session per hop.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import hivemind
 import torch
 
 from swarm.client.config import ClientConfig
-from swarm.client.routing import Hop, missing_blocks, plan_route
-from swarm.errors import MissingBlocksError
+from swarm.client.retry import is_retriable
+from swarm.client.routing import Hop, RoutingPreferences, missing_blocks, plan_route, usable_servers
+from swarm.errors import MissingBlocksError, PeerError, SwarmUnavailableError
 from swarm.records import ServerRecord, fetch_records
 from swarm.spans import BlockSpan
 from swarm.transport import Connection
 from swarm.wire import DTYPES
 
-Tensors = dict[str, torch.Tensor]
-
 logger = logging.getLogger(__name__)
+
+Tensors = dict[str, torch.Tensor]
 
 
 class RemoteBlocks:
@@ -34,52 +38,139 @@ class RemoteBlocks:
         self.model_name = model_name
         self.span = BlockSpan(0, num_blocks)
         self.dht = dht or hivemind.DHT(initial_peers=config.initial_peers, client_mode=True, start=True)
+        self.latencies: dict[str, float] = {}
+        self.banned_until: dict[str, float] = {}
         self._connections: dict[str, Connection] = {}
         self._lock = threading.Lock()
-        self.records_by_block = self.wait_for_coverage()
+        self._records_time = -math.inf
+        self.records_by_block: list[list[ServerRecord]] = []
+        self.wait_for_coverage(self.span)
+
+    # Finding and measuring servers
 
     def fetch_records(self) -> list[list[ServerRecord]]:
-        return fetch_records(self.dht, self.model_name, len(self.span))
+        self.records_by_block = fetch_records(self.dht, self.model_name, len(self.span))
+        self._records_time = time.monotonic()
+        return self.records_by_block
 
-    def wait_for_coverage(self) -> list[list[ServerRecord]]:
-        """Polls the DHT until online servers cover every block, or raises `MissingBlocksError`."""
+    def preferences(self) -> RoutingPreferences:
+        now = time.monotonic()
+        banned = {peer_id for peer_id, until in self.banned_until.items() if until > now}
+        return RoutingPreferences(
+            latencies=dict(self.latencies),
+            excluded=banned | set(self.config.excluded_peers),
+            pinned=set(self.config.pinned_peers),
+        )
+
+    def wait_for_coverage(self, span: BlockSpan, timeout: float | None = None) -> None:
+        """Polls the DHT until usable servers cover `span`, or raises `MissingBlocksError`."""
+        timeout = self.config.coverage_timeout if timeout is None else timeout
         started = time.monotonic()
-        while True:
-            records_by_block = self.fetch_records()
-            missing = missing_blocks(records_by_block, self.span)
+        if time.monotonic() - self._records_time > self.config.records_max_age:
+            self.fetch_records()
+        while missing := missing_blocks(self.records_by_block, span, self.preferences()):
             waited = time.monotonic() - started
-            if not missing:
-                return records_by_block
-            if waited >= self.config.coverage_timeout:
+            if waited >= timeout:
                 raise MissingBlocksError(self.model_name, missing, waited)
-            time.sleep(self.config.poll_period)
+            time.sleep(min(self.config.poll_period, timeout - waited))
+            self.fetch_records()
 
-    def plan_route(self, span: BlockSpan | None = None) -> list[Hop]:
-        self.records_by_block = self.wait_for_coverage()
-        route = plan_route(self.records_by_block, span or self.span)
-        logger.info(f"Route for {self.model_name} blocks {span or self.span}: " + ", ".join(map(str, route)))
+    def plan_route(self, span: BlockSpan | None = None, timeout: float | None = None) -> list[Hop]:
+        """The fastest route over `span` now, after pinging servers whose latency is unknown."""
+        span = span or self.span
+        self.wait_for_coverage(span, timeout)
+        self.measure_latencies(usable_servers(self.records_by_block, self.preferences()))
+        route = plan_route(self.records_by_block, span, self.preferences())
+        logger.info(f"Route for {self.model_name} blocks {span}: " + ", ".join(map(str, route)))
         return route
 
-    def forward(self, tensors: Tensors) -> Tensors:
-        """Runs every block without a cache (see `run_route` for how tensors flow)."""
-        route = plan_route(self.records_by_block, self.span)
-        requests = [
-            (self._connection(hop.server.address), {"method": "forward", "start": hop.span.start, "end": hop.span.end})
-            for hop in route
-        ]
-        _, outputs = run_route(route, requests, tensors)
-        return outputs
+    def measure_latencies(self, servers: list[ServerRecord], again: bool = False):
+        """Pings servers (in parallel) and folds the round trips into their moving averages."""
+        servers = [server for server in servers if again or server.peer_id not in self.latencies]
+        if not servers:
+            return
+        with ThreadPoolExecutor(max_workers=min(16, len(servers))) as pool:
+            for server, latency in zip(servers, pool.map(self.ping, servers)):
+                if latency is None:
+                    self.ban(server, "it did not answer a ping")
+                    continue
+                previous = self.latencies.get(server.peer_id, latency)
+                self.latencies[server.peer_id] = previous + self.config.latency_smoothing * (latency - previous)
 
-    def _connection(self, address: str) -> Connection:
+    def ping(self, server: ServerRecord) -> float | None:
+        """Round-trip seconds of an empty request to `server`, or None if it fails."""
+        try:
+            connection = self.connection(server.address)
+            started = time.perf_counter()
+            connection.request({"method": "info"}, timeout=self.config.ping_timeout)
+            return time.perf_counter() - started
+        except PeerError:
+            return None
+
+    def ban(self, server: ServerRecord, reason: str):
+        logger.warning(f"Leaving out {server.address} ({server.peer_id[-8:]}) for {self.config.ban_duration:.0f} s: {reason}")
+        self.banned_until[server.peer_id] = time.monotonic() + self.config.ban_duration
+        self.latencies.pop(server.peer_id, None)
+        with self._lock:
+            connection = self._connections.pop(server.address, None)
+        if connection is not None:
+            connection.close()
+
+    def connection(self, address: str) -> Connection:
+        """A shared connection to `address` for stateless requests."""
         with self._lock:
             connection = self._connections.get(address)
             if connection is None or connection.closed:
                 connection = Connection(address, self.config.connect_timeout)
-                connection.timeout = self.config.request_timeout
                 self._connections[address] = connection
             return connection
 
-    def inference_session(self, max_length: int) -> "InferenceSession":
+    def request_timeout(self, tokens: int) -> float:
+        return self.config.step_timeout * max(1, math.ceil(tokens / 256))
+
+    # Running blocks
+
+    def forward(self, tensors: Tensors) -> Tensors:
+        """Runs every block without a cache, re-routing around servers that fail (see `run_hop`)."""
+        tensors = {name: tensor for name, tensor in tensors.items() if tensor is not None}
+        caller_dtypes = {name: tensor.dtype for name, tensor in tensors.items()}
+        budget, block = self.config.retry.start(), self.span.start
+        route = self.plan_route()
+        while block < self.span.end:
+            hop = route[0]
+            fields = {"method": "forward", "start": hop.span.start, "end": hop.span.end}
+            try:
+                _, outputs = run_hop(self.connection(hop.server.address), hop, fields, tensors, self.request_timeout(tokens_of(tensors)))
+            except Exception as error:
+                if not is_retriable(error):
+                    raise
+                route = self.recover(hop, error, budget, BlockSpan(block, self.span.end))
+                continue
+            tensors.update(outputs)
+            block, route = hop.span.end, route[1:]
+        return {name: tensors[name].to(caller_dtypes.get(name, tensors[name].dtype)) for name in outputs}
+
+    def recover(self, hop: Hop, error: Exception, budget, span: BlockSpan) -> list[Hop]:
+        """Bans the failed server, waits out the retry delay, and plans a new route over `span`."""
+        self.ban(hop.server, f"{type(error).__name__}: {error}")
+        delay = budget.next_delay()
+        if delay is None:
+            raise SwarmUnavailableError(
+                f"could not serve blocks {span} of {self.model_name} after {budget.failures} failures "
+                f"(last: {error})"
+            ) from error
+        time.sleep(delay)
+        remaining = self.config.retry.total_timeout - (time.monotonic() - budget.first_failure)
+        try:
+            return self.plan_route(span, timeout=max(0.0, remaining))
+        except MissingBlocksError as missing:
+            raise SwarmUnavailableError(
+                f"could not serve blocks {span} of {self.model_name}: {missing} (after: {error})"
+            ) from error
+
+    def inference_session(self, max_length: int):
+        from swarm.client.session import InferenceSession
+
         return InferenceSession(self, max_length)
 
     def shutdown(self):
@@ -90,79 +181,18 @@ class RemoteBlocks:
         self.dht.shutdown()
 
 
-class InferenceSession:
-    """A stepwise session over a route: each server keeps its blocks' cache for this session."""
-
-    def __init__(self, remote: RemoteBlocks, max_length: int):
-        self.remote = remote
-        self.max_length = max_length
-        self.position = 0  # positions the servers have processed
-        self.output_ids: torch.Tensor | None = None  # tokens of the conversation so far (for generate)
-        self.output_mask: torch.Tensor | None = None  # their attention mask, None while all ones
-        self.skip_tokens = 0  # leading tokens of the next step that the servers have already seen
-        self._hypo_ids: torch.Tensor | None = None  # row order for the servers' caches at the next step
-        self.route: list[Hop] = []
-        self._server_sessions: list[tuple[Hop, Connection, str]] = []
-        self.closed = False
-
-    def __enter__(self) -> "InferenceSession":
-        self.route = self.remote.plan_route()
-        config = self.remote.config
-        for hop in self.route:
-            connection = Connection(hop.server.address, config.connect_timeout)
-            connection.timeout = config.request_timeout
-            fields = {"method": "open", "start": hop.span.start, "end": hop.span.end, "max_length": self.max_length}
-            reply, _ = connection.request(fields)
-            self._server_sessions.append((hop, connection, reply["session_id"]))
-        return self
-
-    def reorder(self, hypo_ids: torch.Tensor):
-        """Reorders the rows of every server's cache at the next step (composes with a pending reorder)."""
-        hypo_ids = hypo_ids.long().cpu()
-        self._hypo_ids = hypo_ids if self._hypo_ids is None else self._hypo_ids[hypo_ids]
-
-    def take_hypo_ids(self) -> torch.Tensor | None:
-        hypo_ids, self._hypo_ids = self._hypo_ids, None
-        return hypo_ids
-
-    def step(self, tensors: Tensors) -> Tensors:
-        """Sends the new positions through every hop (see `run_route`); returns the last hop's outputs."""
-        requests = [
-            (connection, {"method": "step", "session_id": session_id}) for _, connection, session_id in self._server_sessions
-        ]
-        reply, outputs = run_route(self.route, requests, tensors)
-        self.position = reply["length"]
-        return outputs
-
-    def close(self):
-        if self.closed:
-            return
-        self.closed = True
-        for _, connection, session_id in self._server_sessions:
-            try:
-                connection.request({"method": "close", "session_id": session_id})
-            except Exception as error:
-                logger.debug(f"Could not close session {session_id} on {connection.address}: {error}")
-            connection.close()
-
-    def __exit__(self, *exc_info):
-        self.close()
+def tokens_of(tensors: Tensors) -> int:
+    """Positions in a request, for its timeout: the second dimension of its largest tensor."""
+    largest = max(tensors.values(), key=lambda tensor: tensor.numel())
+    return largest.shape[1] if largest.ndim > 1 else 1
 
 
-def run_route(route: list[Hop], requests: list[tuple[Connection, dict]], tensors: Tensors) -> tuple[dict, Tensors]:
-    """Sends `tensors` through the hops in order. A hop's reply tensors replace the inputs of the same name
-    for the next hop (hidden states), the others travel unchanged (position ids, masks). Floating-point
-    tensors travel in each server's dtype and come back in the caller's. None values are left out."""
-    current = {name: tensor for name, tensor in tensors.items() if tensor is not None}
-    caller_dtypes = {name: tensor.dtype for name, tensor in current.items()}
-    reply: dict = {}
-    for hop, (connection, fields) in zip(route, requests):
-        server_dtype = DTYPES.get(hop.server.dtype)
-        sent = {
-            name: tensor.to(server_dtype) if server_dtype is not None and tensor.is_floating_point() else tensor
-            for name, tensor in current.items()
-        }
-        reply, outputs = connection.request(fields, sent)
-        current.update(outputs)
-    outputs = {name: current[name].to(caller_dtypes.get(name, current[name].dtype)) for name in outputs}
-    return reply, outputs
+def run_hop(connection: Connection, hop: Hop, fields: dict, tensors: Tensors, timeout: float) -> tuple[dict, Tensors]:
+    """One request to one hop. Floating-point tensors travel in the server's dtype; None values stay home."""
+    server_dtype = DTYPES.get(hop.server.dtype)
+    sent = {
+        name: tensor.to(server_dtype) if server_dtype is not None and tensor.is_floating_point() else tensor
+        for name, tensor in tensors.items()
+        if tensor is not None
+    }
+    return connection.request(fields, sent, timeout=timeout)

@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--max-session-length", type=int, help="longest session (default: model's max positions)")
     parser.add_argument("--announce-period", type=float, default=10.0, help="seconds between DHT announcements")
     parser.add_argument("--record-ttl", type=float, default=30.0, help="seconds a DHT record lives")
+    parser.add_argument(
+        "--shutdown-grace", type=float, default=5.0, help="seconds active sessions may finish after SIGTERM"
+    )
     args = parser.parse_args(argv)
     return ServerConfig(
         model=args.model,
@@ -62,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         max_session_length=args.max_session_length,
         announce_period=args.announce_period,
         record_ttl=args.record_ttl,
+        shutdown_grace=args.shutdown_grace,
     )
 
 

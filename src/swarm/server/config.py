@@ -26,4 +26,4 @@ class ServerConfig:
     max_session_length: int | None = None  # longest session allowed; default: the model's max positions
     announce_period: float = 10.0  # seconds between re-announcements in the DHT
     record_ttl: float = 30.0  # seconds a record lives unless re-announced
-    shutdown_grace: float = 2.0  # seconds to let in-flight requests finish on SIGTERM
+    shutdown_grace: float = 5.0  # seconds active sessions may finish after SIGTERM before the server exits

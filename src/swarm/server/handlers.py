@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from swarm.errors import BadRequestError
+from swarm.errors import BadRequestError, ServerUnavailableError
 from swarm.models.base import LoadedSpan, ModelFamily, Tensors, require
 from swarm.server.sessions import SessionManager
 from swarm.spans import BlockSpan
@@ -67,7 +67,8 @@ class RequestHandler:
         return {}, outputs
 
     def rpc_open(self, fields, tensors, context) -> Message:
-        require(self.accepting_sessions, "this server is shutting down and takes no new sessions")
+        if not self.accepting_sessions:
+            raise ServerUnavailableError("this server is leaving the swarm and takes no new sessions")
         sub_span = self._sub_span(fields)
         max_length = fields.get("max_length")
         require(isinstance(max_length, int) and max_length > 0, f"max_length must be a positive int, got {max_length!r}")

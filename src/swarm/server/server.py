@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 from swarm import __version__
 from swarm.checkpoint import CheckpointIndex, model_name_of, resolve_model_path
-from swarm.errors import BadRequestError, ConfigurationError
+from swarm.errors import ConfigurationError, ServerUnavailableError
 from swarm.models import family_for
 from swarm.models.base import LoadedSpan, load_span
 from swarm.records import ServerRecord, ServerState, announce
@@ -83,7 +83,7 @@ class Server:
 
     def _handle(self, fields, tensors, context):
         if self.handler is None:
-            raise BadRequestError("the server is still loading its blocks")
+            raise ServerUnavailableError("the server is still loading its blocks")
         return self.handler(fields, tensors, context)
 
     def _load_blocks(self) -> LoadedSpan:
