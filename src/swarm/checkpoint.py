@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +22,18 @@ from swarm.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -72,6 +85,21 @@ class CheckpointIndex:
 
     def names(self, predicate: Callable[[str], bool]) -> list[str]:
         return [name for name in self.file_of if predicate(name)]
+
+    def nbytes(self, names: list[str], dtype: torch.dtype | None = None) -> int:
+        """Bytes the given tensors take in memory (in `dtype` for floating-point ones), without reading them."""
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for name in names:
+            by_file[self.file_of[name]].append(name)
+        total = 0
+        for file, file_names in by_file.items():
+            with safe_open(file, framework="pt") as reader:
+                for name in file_names:
+                    piece = reader.get_slice(name)
+                    stored = SAFETENSORS_DTYPES[piece.get_dtype()]
+                    itemsize = (dtype if dtype is not None and stored.is_floating_point else stored).itemsize
+                    total += math.prod(piece.get_shape()) * itemsize
+        return total
 
     def load(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Reads the given tensors, opening only the files that hold them."""

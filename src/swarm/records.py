@@ -85,6 +85,27 @@ def announce(dht: DHT, model_name: str, record: ServerRecord, ttl: float) -> boo
     return all(results)
 
 
+MODELS_KEY = "swarm.models"  # subkey: model name, value: {"num_blocks": N}
+
+
+def announce_model(dht: DHT, model_name: str, num_blocks: int, ttl: float) -> bool:
+    """Lists the model in the swarm's registry of models, which `swarm.status` reads."""
+    value = {"num_blocks": num_blocks}
+    return bool(dht.store(MODELS_KEY, value, get_dht_time() + ttl, subkey=model_name))
+
+
+def fetch_models(dht: DHT) -> dict[str, int]:
+    """Models announced in the swarm, with their number of blocks."""
+    found = dht.get(MODELS_KEY, latest=True)
+    models = {}
+    if found is not None and isinstance(found.value, dict):
+        for name, entry in found.value.items():
+            value = getattr(entry, "value", None)
+            if isinstance(name, str) and isinstance(value, dict) and isinstance(value.get("num_blocks"), int):
+                models[name] = value["num_blocks"]
+    return models
+
+
 def fetch_records(dht: DHT, model_name: str, num_blocks: int) -> list[list[ServerRecord]]:
     """Returns, for each block of the model, the valid records of the servers announcing it."""
     futures = [dht.get(block_key(model_name, block), latest=True, return_future=True) for block in range(num_blocks)]

@@ -27,10 +27,33 @@ def span_argument(text: str) -> BlockSpan:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def memory_argument(text: str) -> int:
+    number = text.strip().lower().rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text.strip().lower()[len(number) :]
+    try:
+        return int(float(number) * UNITS[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 4GiB, 512MB or 1000000, got {text!r}") from None
+
+
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser = argparse.ArgumentParser(prog="python -m swarm.server", description="Serve a span of a model's blocks.")
     parser.add_argument("model", help="model directory in Hugging Face layout, or a repo id in the local HF cache")
-    parser.add_argument("--blocks", type=span_argument, help="half-open span START:END (default: all blocks)")
+    span = parser.add_mutually_exclusive_group()
+    span.add_argument("--blocks", type=span_argument, help="half-open span START:END to host")
+    span.add_argument("--num-blocks", type=int, help="host this many consecutive blocks, those the swarm serves least")
+    parser.add_argument(
+        "--max-memory",
+        type=memory_argument,
+        help="without --blocks or --num-blocks, host as many blocks as fit in this much memory, e.g. 4GiB "
+        "(default: the available memory, so a large enough peer hosts the whole model)",
+    )
+    parser.add_argument(
+        "--rebalance-period", type=float, default=60.0, help="seconds between checks whether to move a chosen span"
+    )
     parser.add_argument("--model-name", help="name to announce in the DHT (default: repo id or directory name)")
     peers = parser.add_mutually_exclusive_group()
     peers.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR", help="multiaddrs of DHT peers")
@@ -52,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     return ServerConfig(
         model=args.model,
         blocks=args.blocks,
+        num_blocks=args.num_blocks,
+        max_memory=args.max_memory,
+        rebalance_period=args.rebalance_period,
         model_name=args.model_name,
         initial_peers=args.initial_peers,
         new_swarm=args.new_swarm,

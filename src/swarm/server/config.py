@@ -12,7 +12,11 @@ from swarm.spans import BlockSpan
 @dataclass
 class ServerConfig:
     model: str  # local model directory in Hugging Face layout, or a repo id in the local HF cache
-    blocks: BlockSpan | None = None  # blocks to host, half-open; None hosts the whole model
+    blocks: BlockSpan | None = None  # blocks to host, half-open; None: chosen by num_blocks or max_memory
+    num_blocks: int | None = None  # host this many consecutive blocks, those the swarm serves least
+    max_memory: int | None = None  # bytes of block weights to host when neither blocks nor num_blocks is given;
+    # None: the available memory less 1 GiB (so a peer with enough memory hosts the whole model)
+    rebalance_period: float = 60.0  # seconds between checks whether a self-chosen span should move; 0: never
     model_name: str | None = None  # name announced in the DHT; default: repo id or directory name
     initial_peers: list[str] = field(default_factory=list)  # multiaddrs of any peer of the swarm's DHT
     new_swarm: bool = False  # start a new swarm instead of joining one

@@ -1,14 +1,13 @@
-"""A server: loads its span's blocks, announces them in the DHT and serves them until told to stop."""
+"""A server: picks its span, loads its blocks, announces them in the DHT and serves them until told to stop."""
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 
 import hivemind
-import torch
+import psutil
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
@@ -17,15 +16,19 @@ from swarm.checkpoint import CheckpointIndex, model_name_of, resolve_model_path
 from swarm.errors import ConfigurationError, ServerUnavailableError
 from swarm.models import family_for
 from swarm.models.base import LoadedSpan, load_span
-from swarm.records import ServerRecord, ServerState, announce
+from swarm.records import ServerRecord, ServerState, announce, announce_model, fetch_records
+from swarm.server.block_selection import block_capacities, blocks_that_fit, choose_span, should_move
 from swarm.server.config import ServerConfig
 from swarm.server.handlers import RequestHandler
 from swarm.server.sessions import SessionManager
+from swarm.server.throughput import seconds_per_block
 from swarm.spans import BlockSpan
 from swarm.transport import TensorServer
 from swarm.wire import dtype_name
 
 logger = logging.getLogger(__name__)
+
+PROCESS_RESERVE = 1 << 30  # bytes kept for the process itself when the span is sized by available memory
 
 
 class Server:
@@ -36,26 +39,40 @@ class Server:
         model_config = _load_config(self.path)
         self.family = family_for(model_config)
         self.model_config = self.family.prepare_config(model_config)
-        num_blocks = self.family.num_blocks(self.model_config)
-        self.span = config.blocks or BlockSpan(0, num_blocks)
-        if self.span.end > num_blocks:
-            raise ConfigurationError(f"blocks {self.span} are outside the model, which has blocks 0:{num_blocks}")
+        self.num_blocks = self.family.num_blocks(self.model_config)
+        if config.blocks is not None and config.blocks.end > self.num_blocks:
+            raise ConfigurationError(
+                f"blocks {config.blocks} are outside the model, which has blocks 0:{self.num_blocks}"
+            )
+        if config.num_blocks is not None and not 0 < config.num_blocks <= self.num_blocks:
+            raise ConfigurationError(f"--num-blocks must be between 1 and {self.num_blocks}, got {config.num_blocks}")
         if not config.initial_peers and not config.new_swarm:
             raise ConfigurationError("pass --initial-peers to join a swarm, or --new-swarm to start one")
+        self.checkpoint = CheckpointIndex(self.path)
         self.stop_requested = threading.Event()
         self.dht: hivemind.DHT | None = None
         self.transport: TensorServer | None = None
         self.handler: RequestHandler | None = None
+        self.span: BlockSpan | None = None
+        self.throughput = 0.0
 
     def run(self):
         """Serves until `stop_requested` is set, then leaves the swarm cleanly."""
         try:
             self._start()
+            last_rebalance = time.monotonic()
             while not self.stop_requested.wait(self.config.announce_period):
                 self.handler.sessions.close_idle()
                 self._announce(ServerState.ONLINE)
+                if self._chooses_span and time.monotonic() - last_rebalance >= self.config.rebalance_period:
+                    last_rebalance = time.monotonic()
+                    self._rebalance()
         finally:
             self._shutdown()
+
+    @property
+    def _chooses_span(self) -> bool:
+        return self.config.blocks is None and self.config.rebalance_period > 0
 
     def _start(self):
         config = self.config
@@ -67,31 +84,75 @@ class Server:
             print("To join this swarm, use --initial-peers " + " ".join(self.visible_maddrs), flush=True)
         self.transport = TensorServer(config.host, config.transport_port, self._handle)
         self.address = f"{self._announce_host()}:{self.transport.port}"
-        self._announce(ServerState.JOINING, throughput=0.0)
-        loaded = self._load_blocks()
-        self.throughput = measure_throughput(self.family, loaded)
-        sessions = SessionManager(idle_timeout=config.session_timeout)
-        max_session_length = config.max_session_length or getattr(self.model_config, "max_position_embeddings", 1 << 16)
-        self.handler = RequestHandler(self.family, loaded, sessions, self.model_name, __version__, max_session_length)
+        self.span = self._initial_span()
+        self._serve_span(self.span)
         self.transport.start()
-        self._announce(ServerState.ONLINE)
         logger.info(
-            f"ready: serving {self.model_name} blocks {self.span} ({len(self.span)} of "
-            f"{self.family.num_blocks(self.model_config)}) at {self.address}, {dtype_name(config.dtype)}, "
-            f"{self.throughput:.1f} tokens/s, peer {self.dht.peer_id}"
+            f"ready: serving {self.model_name} blocks {self.span} ({len(self.span)} of {self.num_blocks}) "
+            f"at {self.address}, {dtype_name(config.dtype)}, {self.throughput:.1f} tokens/s, peer {self.dht.peer_id}"
         )
 
-    def _handle(self, fields, tensors, context):
-        if self.handler is None:
-            raise ServerUnavailableError("the server is still loading its blocks")
-        return self.handler(fields, tensors, context)
+    def _initial_span(self) -> BlockSpan:
+        """--blocks as given; else the least served --num-blocks blocks; else as many as fit in memory."""
+        if self.config.blocks is not None:
+            return self.config.blocks
+        num_blocks = self.config.num_blocks or self._blocks_that_fit()
+        span = choose_span(block_capacities(self._fetch_records()), num_blocks)
+        logger.info(f"Chose blocks {span}: the {num_blocks} consecutive blocks the swarm serves least")
+        return span
 
-    def _load_blocks(self) -> LoadedSpan:
-        checkpoint = CheckpointIndex(self.path)
-        logger.info(f"Loading blocks {self.span} of {self.model_name} from {self.path}")
-        with tqdm(total=len(self.span), desc=f"Loading blocks {self.span}", unit="block") as progress:
+    def _blocks_that_fit(self) -> int:
+        block_bytes = max(self._block_bytes(index) for index in range(self.num_blocks))
+        if self.config.max_memory is not None:
+            max_memory, reserved = self.config.max_memory, 0
+        else:
+            max_memory, reserved = psutil.virtual_memory().available, PROCESS_RESERVE
+        count = blocks_that_fit(max_memory, block_bytes, self.num_blocks, reserved)
+        logger.info(f"{count} of {self.num_blocks} blocks ({block_bytes / 2**20:.1f} MiB each) fit in {max_memory / 2**30:.2f} GiB")
+        return count
+
+    def _block_bytes(self, index: int) -> int:
+        prefix = self.family.block_prefix(self.model_config, index)
+        return self.checkpoint.nbytes(self.checkpoint.names(lambda name: name.startswith(prefix)), self.config.dtype)
+
+    def _fetch_records(self) -> list[list[ServerRecord]]:
+        return fetch_records(self.dht, self.model_name, self.num_blocks)
+
+    def _serve_span(self, span: BlockSpan):
+        """Announces `span` as joining, loads it, measures it, and starts serving it."""
+        self.span, self.throughput = span, 0.0
+        self._announce(ServerState.JOINING)
+        loaded = self._load_blocks(span)
+        self.throughput = 1.0 / (seconds_per_block(self.family, loaded, self.model_name) * len(span))
+        sessions = SessionManager(idle_timeout=self.config.session_timeout)
+        max_session_length = self.config.max_session_length or getattr(
+            self.model_config, "max_position_embeddings", 1 << 16
+        )
+        self.handler = RequestHandler(self.family, loaded, sessions, self.model_name, __version__, max_session_length)
+        self._announce(ServerState.ONLINE)
+
+    def _rebalance(self):
+        records = self._fetch_records()
+        target = should_move(block_capacities(records, exclude_peer=str(self.dht.peer_id)), self.span, self.throughput)
+        if target is None:
+            return
+        logger.info(f"Moving from blocks {self.span} to {target}, which the swarm needs more")
+        self.handler.accepting_sessions = False
+        self._announce(ServerState.OFFLINE)
+        self.handler = None
+        self._serve_span(target)
+
+    def _handle(self, fields, tensors, context):
+        handler = self.handler
+        if handler is None:
+            raise ServerUnavailableError("the server is loading its blocks")
+        return handler(fields, tensors, context)
+
+    def _load_blocks(self, span: BlockSpan) -> LoadedSpan:
+        logger.info(f"Loading blocks {span} of {self.model_name} from {self.path}")
+        with tqdm(total=len(span), desc=f"Loading blocks {span}", unit="block") as progress:
             return load_span(
-                self.family, self.model_config, checkpoint, self.span, self.config.dtype, self.config.device, progress
+                self.family, self.model_config, self.checkpoint, span, self.config.dtype, self.config.device, progress
             )
 
     def _announce_host(self) -> str:
@@ -99,35 +160,38 @@ class Server:
             return self.config.announce_host
         if self.config.host not in ("0.0.0.0", "::"):
             return self.config.host
-        hosts = [str(maddr).split("/")[2] for maddr in self.visible_maddrs if str(maddr).startswith("/ip4/")]
+        hosts = [maddr.split("/")[2] for maddr in self.visible_maddrs if maddr.startswith("/ip4/")]
         public = [host for host in hosts if not host.startswith("127.")]
         return (public or hosts or ["127.0.0.1"])[0]
 
-    def _announce(self, state: ServerState, throughput: float | None = None):
+    def _announce(self, state: ServerState):
         record = ServerRecord(
             peer_id=str(self.dht.peer_id),
             start=self.span.start,
             end=self.span.end,
             state=state,
-            throughput=self.throughput if throughput is None else throughput,
+            throughput=self.throughput if state == ServerState.ONLINE else 0.0,
             version=__version__,
             address=self.address,
             dtype=dtype_name(self.config.dtype),
         )
-        if not announce(self.dht, self.model_name, record, self.config.record_ttl):
+        stored = announce(self.dht, self.model_name, record, self.config.record_ttl)
+        stored &= announce_model(self.dht, self.model_name, self.num_blocks, self.config.record_ttl)
+        if not stored:
             logger.warning(f"Could not store every record of blocks {self.span} in the DHT")
 
     def _shutdown(self):
-        if self.handler is not None:
-            self.handler.accepting_sessions = False
-        if self.dht is not None and self.dht.is_alive():
+        handler = self.handler
+        if handler is not None:
+            handler.accepting_sessions = False
+        if self.dht is not None and self.dht.is_alive() and self.span is not None:
             try:
-                self._announce(ServerState.OFFLINE, throughput=0.0)
+                self._announce(ServerState.OFFLINE)
             except Exception as error:
                 logger.warning(f"Could not announce going offline: {error}")
         if self.transport is not None:
             deadline = time.monotonic() + self.config.shutdown_grace
-            while self.handler is not None and len(self.handler.sessions) and time.monotonic() < deadline:
+            while handler is not None and len(handler.sessions) and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.transport.stop()
         if self.dht is not None:
@@ -140,16 +204,3 @@ def _load_config(path):
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as error:
         raise ConfigurationError(f"{path} is not a model that transformers can read: {error}") from None
-
-
-def measure_throughput(family, loaded: LoadedSpan, repeats: int = 3) -> float:
-    """Tokens per second for one token through the whole span, batch 1, best of `repeats` after a warm-up."""
-    inputs = family.example_inputs(loaded)
-    best = math.inf
-    with torch.inference_mode():
-        family.forward(loaded, loaded.span, inputs, None)
-        for _ in range(repeats):
-            started = time.perf_counter()
-            family.forward(loaded, loaded.span, inputs, None)
-            best = min(best, time.perf_counter() - started)
-    return 1.0 / max(best, 1e-6)
