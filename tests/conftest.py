@@ -14,6 +14,20 @@ from swarm.launch import LocalSwarm
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+ATOL = 1e-4  # logits through the swarm vs. the local model, float32
+
+
+def generate_both(model, local, input_ids, **kwargs):
+    kwargs = {"max_new_tokens": 12, "output_logits": True, "return_dict_in_generate": True, **kwargs}
+    return model.generate(input_ids, **kwargs), local.generate(input_ids, **kwargs)
+
+
+def assert_same_generation(remote, local):
+    assert torch.equal(remote.sequences, local.sequences), (remote.sequences, local.sequences)
+    assert len(remote.logits) == len(local.logits)
+    for remote_logits, local_logits in zip(remote.logits, local.logits):
+        torch.testing.assert_close(remote_logits, local_logits, atol=ATOL, rtol=0)
+
 
 def make_tiny_llama(directory, **overrides):
     """A random Llama with uneven dimensions and grouped KV heads whose greedy tokens vary."""

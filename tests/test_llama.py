@@ -9,8 +9,7 @@ import torch
 
 from swarm import AutoDistributedModel
 from swarm.launch import LocalSwarm
-
-ATOL = 1e-4
+from tests.conftest import ATOL, assert_same_generation, generate_both
 
 
 @pytest.fixture(scope="module")
@@ -28,18 +27,6 @@ def model_3(tiny_llama, llama_swarm_3):
     model = connect(tiny_llama, llama_swarm_3)
     yield model
     model.remote.shutdown()
-
-
-def generate_both(model, local, input_ids, **kwargs):
-    kwargs = {"max_new_tokens": 12, "output_logits": True, "return_dict_in_generate": True, **kwargs}
-    return model.generate(input_ids, **kwargs), local.generate(input_ids, **kwargs)
-
-
-def assert_same_generation(remote, local):
-    assert torch.equal(remote.sequences, local.sequences), (remote.sequences, local.sequences)
-    assert len(remote.logits) == len(local.logits)
-    for remote_logits, local_logits in zip(remote.logits, local.logits):
-        torch.testing.assert_close(remote_logits, local_logits, atol=ATOL, rtol=0)
 
 
 def random_ids(batch, length, seed=1):

@@ -5,9 +5,11 @@ from __future__ import annotations
 from swarm.errors import ConfigurationError
 from swarm.models.base import ModelFamily
 from swarm.models.llama import LlamaFamily
+from swarm.models.mixtral import MixtralFamily
 
 FAMILIES: dict[str, ModelFamily] = {
     "llama": LlamaFamily(),
+    "mixtral": MixtralFamily(),
 }
 
 
