@@ -71,10 +71,12 @@ def llama_swarm_3(tiny_llama, tmp_path_factory):
 
 @pytest.fixture(autouse=True, scope="session")
 def reap_children():
-    """Kills any child process a test left behind (servers, DHT peers, p2pd daemons)."""
+    """Kills any swarm server, DHT peer or p2pd daemon a test left behind (and nothing else: killing
+    torch's shared-memory helper would abort this process)."""
     yield
     for child in psutil.Process().children(recursive=True):
         try:
-            child.send_signal(signal.SIGKILL)
+            if any(name in " ".join(child.cmdline()) for name in ("swarm.server", "swarm.dht", "p2pd")):
+                child.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass

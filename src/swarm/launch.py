@@ -110,7 +110,11 @@ class PeerProcess:
 def start_bootstrap(host: str = "127.0.0.1", timeout: float = 60.0, **kwargs) -> tuple[PeerProcess, list[str]]:
     """Starts `python -m swarm.dht`; returns it and the multiaddrs to join with."""
     peer = PeerProcess(["-m", "swarm.dht", "--host", host], name="bootstrap", **kwargs)
-    line = peer.wait_for(r"--initial-peers (.+)", timeout).group(1)
+    try:
+        line = peer.wait_for(r"--initial-peers (.+)", timeout).group(1)
+    except BaseException:
+        peer.stop()
+        raise
     return peer, MADDR_PATTERN.findall(line)
 
 

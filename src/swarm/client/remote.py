@@ -130,13 +130,16 @@ class RemoteBlocks:
 
     # Running blocks
 
-    def forward(self, tensors: Tensors) -> Tensors:
-        """Runs every block without a cache, re-routing around servers that fail (see `run_hop`)."""
+    def forward(self, tensors: Tensors, span: BlockSpan | None = None) -> Tensors:
+        """Runs blocks `span` (default: all) without a cache, re-routing around servers that fail. A hop's
+        reply tensors replace the inputs of the same name for the next hop (hidden states); the others travel
+        unchanged (position ids, masks). Floating-point tensors come back in the caller's dtype."""
+        span = span or self.span
         tensors = {name: tensor for name, tensor in tensors.items() if tensor is not None}
         caller_dtypes = {name: tensor.dtype for name, tensor in tensors.items()}
-        budget, block = self.config.retry.start(), self.span.start
-        route = self.plan_route()
-        while block < self.span.end:
+        budget, block = self.config.retry.start(), span.start
+        route = self.plan_route(span)
+        while block < span.end:
             hop = route[0]
             fields = {"method": "forward", "start": hop.span.start, "end": hop.span.end}
             try:
@@ -144,7 +147,7 @@ class RemoteBlocks:
             except Exception as error:
                 if not is_retriable(error):
                     raise
-                route = self.recover(hop, error, budget, BlockSpan(block, self.span.end))
+                route = self.recover(hop, error, budget, BlockSpan(block, span.end))
                 continue
             tensors.update(outputs)
             block, route = hop.span.end, route[1:]
@@ -168,10 +171,10 @@ class RemoteBlocks:
                 f"could not serve blocks {span} of {self.model_name}: {missing} (after: {error})"
             ) from error
 
-    def inference_session(self, max_length: int):
+    def inference_session(self, max_length: int, span: BlockSpan | None = None):
         from swarm.client.session import InferenceSession
 
-        return InferenceSession(self, max_length)
+        return InferenceSession(self, max_length, span or self.span)
 
     def shutdown(self):
         with self._lock:

@@ -16,6 +16,7 @@ import torch
 from swarm.client.remote import RemoteBlocks, Tensors, run_hop, tokens_of
 from swarm.client.retry import RetryBudget, is_retriable
 from swarm.client.routing import Hop
+from swarm.spans import BlockSpan
 from swarm.transport import Connection
 
 logger = logging.getLogger(__name__)
@@ -47,9 +48,10 @@ class ServerSession:
 class InferenceSession:
     """A stepwise session over a route of servers, which survives the loss of any of them."""
 
-    def __init__(self, remote: RemoteBlocks, max_length: int):
+    def __init__(self, remote: RemoteBlocks, max_length: int, span: BlockSpan):
         self.remote = remote
         self.max_length = max_length
+        self.span = span  # the blocks this session runs
         self.position = 0  # positions the servers have processed
         self.output_ids: torch.Tensor | None = None  # tokens of the conversation so far (for generate)
         self.output_mask: torch.Tensor | None = None  # their attention mask, None while all ones
@@ -64,14 +66,14 @@ class InferenceSession:
 
     def __enter__(self) -> "InferenceSession":
         budget = self.remote.config.retry.start()
-        route = self.remote.plan_route()
+        route = self.remote.plan_route(self.span)
         while not self._server_sessions:
             try:
                 self._server_sessions = [self._open(hop) for hop in route]
             except Exception as error:
                 if not is_retriable(error):
                     raise
-                route = self.remote.recover(getattr(error, "hop", route[0]), error, budget, self.remote.span)
+                route = self.remote.recover(getattr(error, "hop", route[0]), error, budget, self.span)
         return self
 
     def _open(self, hop: Hop) -> ServerSession:

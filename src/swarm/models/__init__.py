@@ -6,10 +6,12 @@ from swarm.errors import ConfigurationError
 from swarm.models.base import ModelFamily
 from swarm.models.llama import LlamaFamily
 from swarm.models.mixtral import MixtralFamily
+from swarm.models.t5 import T5Family
 
 FAMILIES: dict[str, ModelFamily] = {
     "llama": LlamaFamily(),
     "mixtral": MixtralFamily(),
+    "t5": T5Family(),
 }
 
 

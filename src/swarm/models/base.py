@@ -63,16 +63,23 @@ class ModelFamily:
         """Renames or fuses one block's checkpoint tensors into the layout `build_block` expects."""
         return tensors
 
-    def build_helpers(self, config, device: torch.device) -> dict[str, nn.Module]:
-        """Weightless modules a server needs besides the blocks (rotary embeddings, ...)."""
+    def stages(self, config) -> list[BlockSpan]:
+        """Consecutive groups of blocks that run one after the other (an encoder, then a decoder).
+        A request never crosses a stage boundary."""
+        return [BlockSpan(0, self.num_blocks(config))]
+
+    def build_helpers(self, config, device: torch.device, checkpoint: CheckpointIndex, span: BlockSpan) -> dict[str, nn.Module]:
+        """Small modules a server needs besides its blocks (rotary embeddings, position biases, ...)."""
         return {}
 
     def new_session_state(self, loaded: LoadedSpan, sub_span: BlockSpan, max_length: int) -> Any:
         """Creates what a session on `sub_span` keeps between steps."""
         raise NotImplementedError
 
-    def check_inputs(self, loaded: LoadedSpan, inputs: Tensors, state: Any | None, max_length: int | None):
-        """Raises `BadRequestError` naming what is wrong with a request's tensors."""
+    def check_inputs(
+        self, loaded: LoadedSpan, inputs: Tensors, state: Any | None, max_length: int | None, sub_span: BlockSpan
+    ):
+        """Raises `BadRequestError` naming what is wrong with a request's tensors for blocks `sub_span`."""
         raise NotImplementedError
 
     def forward(self, loaded: LoadedSpan, sub_span: BlockSpan, inputs: Tensors, state: Any | None) -> Tensors:
@@ -106,7 +113,7 @@ def load_span(
         blocks.append(block.to(device=device, dtype=dtype).eval().requires_grad_(False))
         if progress is not None:
             progress.update(1)
-    helpers = family.build_helpers(config, device)
+    helpers = family.build_helpers(config, device, checkpoint, span)
     return LoadedSpan(config, span, nn.ModuleList(blocks), dtype, torch.device(device), helpers)
 
 
@@ -114,3 +121,50 @@ def require(condition: bool, message: str):
     """Raises `BadRequestError(message)` unless `condition` holds."""
     if not condition:
         raise BadRequestError(message)
+
+
+def check_hidden_states(loaded: LoadedSpan, inputs: Tensors, name: str, width: int) -> tuple[int, int]:
+    """Checks `inputs[name]` is (batch, tokens, width) in the server's dtype; returns (batch, tokens)."""
+    hidden = inputs.get(name)
+    require(hidden is not None, f"request has no {name!r} tensor")
+    require(
+        hidden.ndim == 3 and hidden.shape[-1] == width and hidden.shape[0] > 0 and hidden.shape[1] > 0,
+        f"{name} must have shape (batch, tokens, {width}), got {tuple(hidden.shape)}",
+    )
+    require(hidden.dtype == loaded.dtype, f"{name} must be {loaded.dtype} on this server, got {hidden.dtype}")
+    return hidden.shape[0], hidden.shape[1]
+
+
+def check_mask(mask: torch.Tensor | None, name: str, batch: int, length: int):
+    if mask is not None:
+        require(
+            tuple(mask.shape) == (batch, length) and not mask.is_floating_point(),
+            f"{name} must be an integer or bool tensor of shape ({batch}, {length}), got {tuple(mask.shape)}",
+        )
+
+
+def check_session_step(state, hypo_ids: torch.Tensor | None, batch: int, tokens: int, max_length: int):
+    """Checks a step against a session holding `state.length` positions of `state.batch_size` rows."""
+    require(
+        state.batch_size in (None, batch), f"this session holds a batch of {state.batch_size}, the step sends {batch}"
+    )
+    require(
+        state.length + tokens <= max_length,
+        f"step would reach {state.length + tokens} positions, past the session's max_length {max_length}",
+    )
+    if hypo_ids is not None:
+        require(
+            hypo_ids.dtype == torch.int64
+            and tuple(hypo_ids.shape) == (batch,)
+            and bool(((hypo_ids >= 0) & (hypo_ids < (state.batch_size or 0))).all()),
+            f"hypo_ids must be int64 of shape ({batch},) indexing the session's batch of {state.batch_size}",
+        )
+
+
+def extend_mask(past_mask: torch.Tensor | None, new_mask: torch.Tensor | None, batch: int, past: int, tokens: int):
+    """The attention mask of every position so far, given the past one and the new tokens' (None while all ones)."""
+    if past_mask is None and new_mask is None:
+        return None
+    past_mask = past_mask if past_mask is not None else torch.ones(batch, past, dtype=torch.long)
+    new_mask = new_mask if new_mask is not None else torch.ones(batch, tokens, dtype=torch.long)
+    return torch.cat([past_mask.long(), new_mask.long().to(past_mask.device)], dim=1)

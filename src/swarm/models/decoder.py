@@ -19,7 +19,16 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from swarm.client.causal_lm import DistributedModelForCausalLM
-from swarm.models.base import LoadedSpan, ModelFamily, Tensors, require
+from swarm.models.base import (
+    LoadedSpan,
+    ModelFamily,
+    Tensors,
+    check_hidden_states,
+    check_mask,
+    check_session_step,
+    extend_mask,
+    require,
+)
 from swarm.spans import BlockSpan
 
 
@@ -38,17 +47,6 @@ class DecoderState:
         self.cache.reorder_cache(hypo_ids)
         if self.attention_mask is not None:
             self.attention_mask = self.attention_mask[hypo_ids.to(self.attention_mask.device)]
-
-    def extend_mask(self, new_mask: torch.Tensor | None, batch_size: int, new_tokens: int) -> torch.Tensor | None:
-        """Appends the new tokens' mask; returns the mask of all positions (None while all ones)."""
-        if new_mask is None and self.attention_mask is None:
-            return None
-        if new_mask is None:
-            new_mask = torch.ones(batch_size, new_tokens, dtype=torch.long)
-        past = self.attention_mask
-        if past is None:
-            past = torch.ones(batch_size, self.length, dtype=torch.long)
-        return torch.cat([past, new_mask.long()], dim=1)
 
 
 class DecoderOnlyFamily(ModelFamily):
@@ -75,7 +73,7 @@ class DecoderOnlyFamily(ModelFamily):
     def build_block(self, config, index: int, local_index: int):
         return self.layer_class(config, layer_idx=local_index)
 
-    def build_helpers(self, config, device):
+    def build_helpers(self, config, device, checkpoint, span):
         return {"rotary": self.rotary_class(config=config).to(device)}
 
     def new_session_state(self, loaded: LoadedSpan, sub_span: BlockSpan, max_length: int) -> DecoderState:
@@ -88,19 +86,8 @@ class DecoderOnlyFamily(ModelFamily):
     def state_length(self, state: DecoderState) -> int:
         return state.length
 
-    def check_inputs(self, loaded: LoadedSpan, inputs: Tensors, state: DecoderState | None, max_length: int | None):
-        hidden = inputs.get("hidden_states")
-        require(hidden is not None, "request has no 'hidden_states' tensor")
-        hidden_size = loaded.config.hidden_size
-        require(
-            hidden.ndim == 3 and hidden.shape[-1] == hidden_size and hidden.shape[0] > 0 and hidden.shape[1] > 0,
-            f"hidden_states must have shape (batch, tokens, {hidden_size}), got {tuple(hidden.shape)}",
-        )
-        require(
-            hidden.dtype == loaded.dtype,
-            f"hidden_states must be {loaded.dtype} on this server, got {hidden.dtype}",
-        )
-        batch, tokens = hidden.shape[:2]
+    def check_inputs(self, loaded: LoadedSpan, inputs: Tensors, state: DecoderState | None, max_length, sub_span):
+        batch, tokens = check_hidden_states(loaded, inputs, "hidden_states", loaded.config.hidden_size)
         unexpected = set(inputs) - {"hidden_states", "position_ids", "attention_mask", "hypo_ids"}
         require(not unexpected, f"unexpected tensors {sorted(unexpected)}")
         positions = inputs.get("position_ids")
@@ -111,32 +98,11 @@ class DecoderOnlyFamily(ModelFamily):
             )
             require(positions.shape[1] == tokens, f"position_ids cover {positions.shape[1]} tokens, not {tokens}")
             require(bool((positions >= 0).all()), "position_ids must not be negative")
-        mask = inputs.get("attention_mask")
-        if mask is not None:
-            require(
-                tuple(mask.shape) == (batch, tokens) and not mask.is_floating_point(),
-                f"attention_mask must be an integer or bool tensor of shape ({batch}, {tokens}), got {tuple(mask.shape)}",
-            )
-        hypo_ids = inputs.get("hypo_ids")
-        if hypo_ids is not None:
-            require(state is not None, "hypo_ids only make sense in a session")
-            require(
-                hypo_ids.dtype == torch.int64 and tuple(hypo_ids.shape) == (batch,),
-                f"hypo_ids must be int64 of shape ({batch},), got {hypo_ids.dtype} {tuple(hypo_ids.shape)}",
-            )
-            require(
-                state.batch_size is not None and bool(((hypo_ids >= 0) & (hypo_ids < state.batch_size)).all()),
-                f"hypo_ids must index the session's batch of {state.batch_size}",
-            )
+        check_mask(inputs.get("attention_mask"), "attention_mask", batch, tokens)
         if state is not None:
-            require(
-                state.batch_size in (None, batch),
-                f"this session holds a batch of {state.batch_size}, the step sends {batch}",
-            )
-            require(
-                state.length + tokens <= max_length,
-                f"step would reach {state.length + tokens} positions, past the session's max_length {max_length}",
-            )
+            check_session_step(state, inputs.get("hypo_ids"), batch, tokens, max_length)
+        else:
+            require("hypo_ids" not in inputs, "hypo_ids only make sense in a session")
 
     def forward(self, loaded: LoadedSpan, sub_span: BlockSpan, inputs: Tensors, state: DecoderState | None) -> Tensors:
         hidden = inputs["hidden_states"].to(loaded.device)
@@ -152,7 +118,8 @@ class DecoderOnlyFamily(ModelFamily):
         else:
             if (hypo_ids := inputs.get("hypo_ids")) is not None:
                 state.reorder(hypo_ids.to(loaded.device))
-            cache, mask, first_layer = state.cache, state.extend_mask(new_mask, batch, tokens), state.first_layer
+            mask = extend_mask(state.attention_mask, new_mask, batch, past, tokens)
+            cache, first_layer = state.cache, state.first_layer
         causal_mask = self.make_causal_mask(loaded, hidden, mask, cache, positions, first_layer)
         position_embeddings = loaded.helpers["rotary"](hidden, position_ids=positions)
         for block in loaded.blocks_of(sub_span):

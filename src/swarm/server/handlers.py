@@ -61,7 +61,7 @@ class RequestHandler:
 
     def rpc_forward(self, fields, tensors, context) -> Message:
         sub_span = self._sub_span(fields)
-        self.family.check_inputs(self.loaded, tensors, None, None)
+        self.family.check_inputs(self.loaded, tensors, None, None, sub_span)
         with self.compute_lock, torch.inference_mode():
             outputs = self.family.forward(self.loaded, sub_span, tensors, None)
         return {}, outputs
@@ -84,7 +84,7 @@ class RequestHandler:
     def rpc_step(self, fields, tensors, context) -> Message:
         session = self.sessions.get(fields.get("session_id"))
         with session.lock:
-            self.family.check_inputs(self.loaded, tensors, session.state, session.max_length)
+            self.family.check_inputs(self.loaded, tensors, session.state, session.max_length, session.span)
             with self.compute_lock, torch.inference_mode():
                 outputs = self.family.forward(self.loaded, session.span, tensors, session.state)
             return {"length": self.family.state_length(session.state)}, outputs
@@ -99,4 +99,10 @@ class RequestHandler:
             isinstance(start, int) and isinstance(end, int) and hosted.start <= start < end <= hosted.end,
             f"blocks [{start}, {end}) are not within this server's span [{hosted.start}, {hosted.end})",
         )
-        return BlockSpan(start, end)
+        sub_span = BlockSpan(start, end)
+        stages = self.family.stages(self.loaded.config)
+        require(
+            any(stage.contains_span(sub_span) for stage in stages),
+            f"blocks {sub_span} cross a stage boundary; stages are {', '.join(map(str, stages))}",
+        )
+        return sub_span

@@ -1,0 +1,33 @@
+# make demo     a chat answer from SmolLM2 running on a swarm of three local servers (python -m swarm.demo)
+# make test     the test suite
+# make install  what both run first: .venv with torch, then swarm in editable mode with its dev extras
+#
+# install is idempotent: it reinstalls only when setup.cfg changes (or .venv is gone).
+
+PYTHON3 ?= $(shell command -v python3.11 || command -v python3)
+# pip arguments for torch, e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0
+# extra pytest arguments, e.g. PYTEST_ARGS="tests/test_llama.py -k greedy"
+PYTEST_ARGS ?=
+
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+INSTALLED := $(VENV)/.swarm-installed
+
+.PHONY: demo test install
+
+demo: install
+	$(PYTHON) -m swarm.demo
+
+test: install
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+install: $(INSTALLED)
+
+$(PYTHON):
+	$(PYTHON3) -m venv $(VENV)
+
+$(INSTALLED): setup.cfg | $(PYTHON)
+	$(PYTHON) -c 'import torch' 2>/dev/null || $(PYTHON) -m pip install -q $(TORCH)
+	$(PYTHON) -m pip install -q -e '.[dev]'
+	touch $@

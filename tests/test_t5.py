@@ -1,0 +1,100 @@
+"""T5 (encoder-decoder) through real servers, with a span crossing from the encoder into the decoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache, EncoderDecoderCache, T5Config, T5ForConditionalGeneration
+
+from swarm import AutoDistributedModel
+from swarm.client.seq2seq_lm import DistributedModelForSeq2SeqLM
+from swarm.launch import LocalSwarm
+from tests.conftest import ATOL, assert_same_generation
+
+
+def make_tiny_t5(directory, **overrides):
+    settings = dict(
+        vocab_size=90,
+        d_model=40,
+        d_kv=8,
+        d_ff=56,
+        num_layers=3,
+        num_decoder_layers=4,
+        num_heads=5,
+        relative_attention_num_buckets=8,
+        initializer_factor=3.0,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(**{**settings, **overrides})).eval().save_pretrained(directory)
+    return directory
+
+
+def fresh_cache():
+    """transformers sizes T5's default cache by the encoder's depth, which breaks deeper decoders."""
+    return EncoderDecoderCache(DynamicCache(), DynamicCache())
+
+
+@pytest.fixture(scope="module", params=[{}, {"tie_word_embeddings": False, "num_layers": 2}], ids=["tied", "untied"])
+def t5_setup(request, tmp_path_factory):
+    directory = make_tiny_t5(tmp_path_factory.mktemp("models") / "tiny-t5", **request.param)
+    num_layers = request.param.get("num_layers", 3)
+    spans = ["0:2", f"2:{num_layers + 2}", f"{num_layers + 2}:{num_layers + 4}"]
+    local = T5ForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
+    with LocalSwarm(directory, spans, log_dir=tmp_path_factory.mktemp("logs")) as swarm:
+        model = AutoDistributedModel.from_pretrained(directory, initial_peers=swarm.initial_peers)
+        yield model, local
+        model.remote.shutdown()
+
+
+def encoder_batch():
+    input_ids = torch.randint(2, 90, (2, 9), generator=torch.Generator().manual_seed(1))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0
+    input_ids[attention_mask == 0] = 0
+    return input_ids, attention_mask
+
+
+def test_auto_model_is_seq2seq(t5_setup):
+    model, _ = t5_setup
+    assert isinstance(model, DistributedModelForSeq2SeqLM)
+
+
+def test_logits_match_local(t5_setup):
+    model, local = t5_setup
+    input_ids, attention_mask = encoder_batch()
+    decoder_input_ids = torch.randint(2, 90, (2, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        remote = model(input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+        expected = local(input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+    torch.testing.assert_close(remote, expected, atol=ATOL, rtol=0)
+
+
+def test_greedy_generation_matches_local(t5_setup):
+    model, local = t5_setup
+    input_ids, attention_mask = encoder_batch()
+    settings = dict(attention_mask=attention_mask, max_new_tokens=10, output_logits=True, return_dict_in_generate=True)
+    remote = model.generate(input_ids, **settings)
+    expected = local.generate(input_ids, cache=fresh_cache(), **settings)
+    assert_same_generation(remote, expected)
+    assert max(len(set(row.tolist())) for row in remote.sequences) > 4
+
+
+def test_beam_search_matches_local(t5_setup):
+    model, local = t5_setup
+    input_ids, attention_mask = encoder_batch()
+    settings = dict(attention_mask=attention_mask, max_new_tokens=8, num_beams=3, num_return_sequences=2)
+    assert torch.equal(model.generate(input_ids, **settings), local.generate(input_ids, cache=fresh_cache(), **settings))
+
+
+def test_seeded_sampling_matches_local(t5_setup):
+    model, local = t5_setup
+    input_ids, attention_mask = encoder_batch()
+    settings = dict(attention_mask=attention_mask, max_new_tokens=8, do_sample=True, top_k=30, temperature=0.9)
+    torch.manual_seed(3)
+    remote = model.generate(input_ids, **settings)
+    torch.manual_seed(3)
+    assert torch.equal(remote, local.generate(input_ids, cache=fresh_cache(), **settings))
