@@ -30,7 +30,14 @@ Message = tuple[dict[str, Any], dict[str, torch.Tensor]]
 Handler = Callable[[dict[str, Any], dict[str, torch.Tensor], "ConnectionContext"], Message]
 
 
+PREALLOCATE_LIMIT = 64 << 20  # larger messages are received in chunks, so a peer that only claims a huge
+# size costs this much memory at most until its bytes actually arrive
+
+
 def _receive_exactly(sock: socket.socket, size: int) -> bytearray:
+    if size > PREALLOCATE_LIMIT:
+        chunks = [_receive_exactly(sock, min(PREALLOCATE_LIMIT, size - done)) for done in range(0, size, PREALLOCATE_LIMIT)]
+        return bytearray().join(chunks)
     buffer = bytearray(size)
     view, received = memoryview(buffer), 0
     while received < size:
