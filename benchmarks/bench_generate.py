@@ -12,7 +12,8 @@ One run measures, side by side with the local baseline measured in the same run:
 2. Memory. PSS of each server's process tree (the server, hivemind's DHT process, p2pd) after it has
    served, next to a full replica's (a second swarm with one server hosting every block, after one
    generation), all measured at the same moment so they share libraries with the same processes.
-   Target: full replica minus a 10-block server >= 60% of the checkpoint bytes of the 20 blocks that
+   Servers map their weights from the safetensors file and PSS splits a file's pages between the
+   processes that map them, so the replica loads from a private copy of the checkpoint. Target: full replica minus a 10-block server >= 60% of the checkpoint bytes of the 20 blocks that
    the 10-block server does not host.
 3. Transport. Round trip of one token's hidden state (1x1x576 float32) through a server's `echo`
    RPC, against a plain TCP echo of the same bytes to a thread of this process.
@@ -20,11 +21,16 @@ One run measures, side by side with the local baseline measured in the same run:
 
 from __future__ import annotations
 
+import os
+
+# Client and servers share this machine's cores: set before torch loads (see swarm.launch.QUIET_OPENMP).
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 import argparse
 import gc
 import json
 import logging
-import os
+import signal
 import shutil
 import socket
 import statistics
@@ -38,8 +44,18 @@ from pathlib import Path
 
 import psutil
 import torch
+from timing import (
+    DEFAULT_PROMPT,
+    READY_PATTERN,
+    GenerationRun,
+    even_spans,
+    format_table,
+    generate_timed,
+    machine_line,
+    percentile,
+    prompt_inputs,
+)
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.generation.streamers import BaseStreamer
 
 from swarm import AutoDistributedModel
 from swarm.checkpoint import CheckpointIndex
@@ -47,43 +63,13 @@ from swarm.launch import LocalSwarm, PeerProcess
 from swarm.models import family_for
 from swarm.transport import Connection
 
-DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
 SPEED_TARGET = 0.90  # swarm tokens/s over local tokens/s
 MEMORY_TARGET = 0.60  # (full replica PSS - 10-block server PSS) over the weight bytes of the 20 missing blocks
-READY_PATTERN = r"ready: serving .* at (\S+:\d+),"
+NOISY_SPREAD = 0.15  # best run over worst run - 1 above which the speed figures are flagged as unreliable
 MIB = 1 << 20
 
 
 # Speed
-
-
-class TokenClock(BaseStreamer):
-    """A streamer that timestamps every new token; `generate` first puts the prompt, which is skipped."""
-
-    def __init__(self):
-        self.started = time.perf_counter()
-        self.token_times: list[float] = []
-        self._prompt_seen = False
-
-    def put(self, value):
-        if self._prompt_seen:
-            self.token_times.append(time.perf_counter())
-        self._prompt_seen = True
-
-    def end(self):
-        pass
-
-
-@dataclass
-class GenerationRun:
-    seconds: float  # wall time of the whole `generate` call
-    first_token: float  # seconds from the call to the first new token
-    gaps: list[float]  # seconds between successive new tokens
-    new_tokens: torch.Tensor  # (new_tokens,)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return len(self.new_tokens) / self.seconds
 
 
 @dataclass
@@ -100,30 +86,15 @@ class SpeedResult:
     def decode_tokens_per_second(self) -> float:
         return statistics.median(len(run.gaps) / sum(run.gaps) for run in self.runs)
 
+    @property
+    def best_tokens_per_second(self) -> float:
+        return max(run.tokens_per_second for run in self.runs)
 
-def percentile(values: list[float], percent: float) -> float:
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * percent / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def generate_timed(model, inputs: dict, max_new_tokens: int) -> GenerationRun:
-    clock = TokenClock()
-    with torch.inference_mode():
-        output = model.generate(
-            **inputs,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,  # no early EOS: every run makes the same number of tokens
-            streamer=clock,
-        )
-    seconds = time.perf_counter() - clock.started
-    times = clock.token_times
-    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
-    new_tokens = output[0, inputs["input_ids"].shape[1] :]
-    return GenerationRun(seconds, times[0] - clock.started, gaps, new_tokens)
+    @property
+    def spread(self) -> float:
+        """How much faster the best run was than the worst (0.1: 10%)."""
+        rates = [run.tokens_per_second for run in self.runs]
+        return max(rates) / min(rates) - 1
 
 
 def measure_speed(models: dict[str, object], inputs: dict, max_new_tokens: int, repeats: int) -> dict[str, SpeedResult]:
@@ -164,7 +135,8 @@ def safetensors_sizes(path: Path) -> dict[str, int]:
     with open(path, "rb") as file:
         (header_length,) = struct.unpack("<Q", file.read(8))
         header = json.loads(file.read(header_length))
-    return {name: entry["data_offsets"][1] - entry["data_offsets"][0] for name, entry in header.items() if name != "__metadata__"}
+    header.pop("__metadata__", None)
+    return {name: entry["data_offsets"][1] - entry["data_offsets"][0] for name, entry in header.items()}
 
 
 def missing_block_bytes(checkpoint: Path, spans: list[str], num_blocks: int) -> dict[str, int]:
@@ -260,23 +232,23 @@ def measure_transport(server_address: str, hidden_size: int, rounds: int) -> dic
 # Report
 
 
-def format_table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[column]) for row in rows if column < len(row)) for column in range(max(map(len, rows)))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
-
-
 def verdict(value: float, target: float) -> str:
     return "PASS" if value >= target else "FAIL"
+
+
+def milliseconds(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
 
 
 def speed_rows(speed: dict[str, SpeedResult], identical: bool, hops: int) -> list[list[str]]:
     local, swarm = speed["local"], speed["swarm"]
     ratio = swarm.median("tokens_per_second") / local.median("tokens_per_second")
     decode_ratio = swarm.decode_tokens_per_second / local.decode_tokens_per_second
-    milliseconds = lambda seconds: f"{seconds * 1e3:.2f}"  # noqa: E731
     overhead = swarm.gap_percentile(50) - local.gap_percentile(50)
+
+    def both(name: str, seconds_of) -> list[str]:
+        return [name, milliseconds(seconds_of(local)), milliseconds(seconds_of(swarm))]
+
     return [
         ["speed", "local HF", f"swarm ({hops} hops)", "swarm/local", "target", "result"],
         [
@@ -289,10 +261,12 @@ def speed_rows(speed: dict[str, SpeedResult], identical: bool, hops: int) -> lis
         ],
         ["tokens/s (after the first token)", f"{local.decode_tokens_per_second:.1f}",
          f"{swarm.decode_tokens_per_second:.1f}", f"{decode_ratio:.3f}"],
-        ["per-token latency p50 (ms)", milliseconds(local.gap_percentile(50)), milliseconds(swarm.gap_percentile(50))],
-        ["per-token latency p90 (ms)", milliseconds(local.gap_percentile(90)), milliseconds(swarm.gap_percentile(90))],
-        ["time to first token (ms)", milliseconds(local.median("first_token")), milliseconds(swarm.median("first_token"))],
-        ["generate call (ms)", milliseconds(local.median("seconds")), milliseconds(swarm.median("seconds"))],
+        ["tokens/s (best run)", f"{local.best_tokens_per_second:.1f}", f"{swarm.best_tokens_per_second:.1f}",
+         f"{swarm.best_tokens_per_second / local.best_tokens_per_second:.3f}"],
+        both("per-token latency p50 (ms)", lambda result: result.gap_percentile(50)),
+        both("per-token latency p90 (ms)", lambda result: result.gap_percentile(90)),
+        both("time to first token (ms)", lambda result: result.median("first_token")),
+        both("generate call (ms)", lambda result: result.median("seconds")),
         ["swarm overhead per token, p50 (ms)", "", milliseconds(overhead), f"{milliseconds(overhead / hops)} per hop"],
         ["same tokens in every run", "yes" if identical else "NO"],
     ]
@@ -322,26 +296,6 @@ def transport_rows(transport: dict[str, list[float]], payload_bytes: int) -> lis
 
 
 # Main
-
-
-def prompt_inputs(checkpoint: Path, prompt: str):
-    """The prompt as a chat turn when the checkpoint has a tokenizer, else fixed token ids."""
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    except (OSError, ValueError, TypeError):
-        input_ids = torch.arange(1, 33).unsqueeze(0)
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, None
-    if tokenizer.chat_template:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    encoded = tokenizer(prompt, return_tensors="pt")
-    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}, tokenizer
-
-
-def even_spans(num_blocks: int, parts: int) -> list[str]:
-    bounds = [num_blocks * part // parts for part in range(parts + 1)]
-    return [f"{start}:{end}" for start, end in zip(bounds, bounds[1:])]
 
 
 def transport_address(server: PeerProcess) -> str:
@@ -374,13 +328,13 @@ def mapped_checkpoints(pid: int, directories: list[Path]) -> list[str]:
     return [mapping.path for mapping in psutil.Process(pid).memory_maps() if mapping.path.startswith(prefixes)]
 
 
-def measure_memory(checkpoint: Path, split: LocalSwarm, full_span: str, inputs: dict, max_new_tokens: int, log_dir: Path):
+def measure_memory(checkpoint: Path, split: LocalSwarm, full_span: str, inputs: dict, max_new_tokens: int, log_dir):
     """Starts a full replica from a private copy of the checkpoint, runs one generation through it, then
     measures every server's PSS at the same moment; returns (PSS by span, the replica's run)."""
     with tempfile.TemporaryDirectory(prefix="bench-generate-replica-") as directory:
         replica_checkpoint = private_copy(checkpoint, Path(directory))
         print(f"starting a full replica {full_span} from {replica_checkpoint} ...", flush=True)
-        with LocalSwarm(replica_checkpoint, [full_span], log_dir=log_dir / "full") as full:
+        with LocalSwarm(replica_checkpoint, [full_span], log_dir=log_dir and log_dir / "full") as full:
             run = run_swarm_model(replica_checkpoint, full, lambda model: generate_timed(model, inputs, max_new_tokens))
             servers = {span: server for span, server in zip(split.spans, split.servers)} | {full_span: full.servers[0]}
             memory = {span: tree_pss(server.pid) for span, server in servers.items()}
@@ -397,14 +351,42 @@ def parse_args(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="measured runs of each, after one warm-up")
     parser.add_argument("--servers", type=int, default=3, help="servers splitting the blocks evenly")
-    parser.add_argument("--threads", type=int, help="torch threads of this process and of each server (default: torch's)")
+    parser.add_argument("--threads", type=int, help="torch threads here and in each server (default: torch's)")
     parser.add_argument("--echo-rounds", type=int, default=2000, help="round trips timed per echo")
-    parser.add_argument("--log-dir", type=Path, help="where the servers' logs go (default: a temporary folder)")
+    parser.add_argument("--log-dir", type=Path, help="write the servers' output there (default: keep none)")
     return parser.parse_args(argv)
+
+
+def compare_speed(checkpoint: Path, split: LocalSwarm, inputs: dict, args) -> dict[str, SpeedResult]:
+    """Local `generate` against the swarm's; the local model is freed on return (its weights would share
+    pages of the checkpoint with the servers, and lower their PSS)."""
+    local = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+    def against(swarm_model):
+        return measure_speed({"local": local, "swarm": swarm_model}, inputs, args.max_new_tokens, args.repeats)
+
+    return run_swarm_model(checkpoint, split, against)
+
+
+def report(speed, transport, memory, replica_run, checkpoint: Path, spans: list[str], full_span: str, args):
+    reference = speed["local"].runs[0].new_tokens
+    identical = same_tokens(speed) and torch.equal(replica_run.new_tokens, reference)
+    print(f"\n== {checkpoint.name}: greedy, {args.max_new_tokens} new tokens, median of {args.repeats} runs ==")
+    print(f"{machine_line()}, load average at end {os.getloadavg()[0]:.2f}\n")
+    print(format_table(speed_rows(speed, identical, len(spans))))
+    spread = max(result.spread for result in speed.values())
+    if spread > NOISY_SPREAD:
+        print(f"warning: tokens/s varied by up to {spread:.0%} between runs of one kind: other processes were "
+              "competing for the CPUs, so these figures say little; rerun on a quiet machine")
+    num_blocks = int(full_span.split(":")[1])
+    print("\n" + format_table(memory_rows(memory, missing_block_bytes(checkpoint, spans, num_blocks), full_span)))
+    hidden_size = AutoConfig.from_pretrained(checkpoint).hidden_size
+    print("\n" + format_table(transport_rows(transport, hidden_size * 4)))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so the swarm's processes are stopped
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.threads:
@@ -415,34 +397,23 @@ def main(argv=None) -> int:
 
         args.model = smollm2_checkpoint()
     checkpoint = args.model.resolve()
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="bench-generate-"))
     config = AutoConfig.from_pretrained(checkpoint)
     num_blocks = family_for(config).num_blocks(config)
     spans, full_span = even_spans(num_blocks, args.servers), f"0:{num_blocks}"
-    print(f"model {checkpoint} ({num_blocks} blocks), {torch.get_num_threads()} torch threads, logs in {log_dir}")
-
-    local = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     inputs, tokenizer = prompt_inputs(checkpoint, args.prompt)
+    print(f"model {checkpoint} ({num_blocks} blocks)" + (f", server logs in {args.log_dir}" if args.log_dir else ""))
+    print(f"{machine_line()}, load average at start {os.getloadavg()[0]:.2f}")
     print(f"prompt: {inputs['input_ids'].shape[1]} tokens, {args.max_new_tokens} new tokens, greedy")
     print(f"starting servers {', '.join(spans)} ...", flush=True)
-    with LocalSwarm(checkpoint, spans, log_dir=log_dir / "split") as split:
-        measure = lambda model: measure_speed({"local": local, "swarm": model}, inputs, args.max_new_tokens, args.repeats)  # noqa: E731
-        speed = run_swarm_model(checkpoint, split, measure)
-        del local, measure  # unmaps the local model's weights, which would share pages with the servers
+    with LocalSwarm(checkpoint, spans, log_dir=args.log_dir and args.log_dir / "split") as split:
+        speed = compare_speed(checkpoint, split, inputs, args)
         gc.collect()
         print("timing the transport ...", flush=True)
         transport = measure_transport(transport_address(split.servers[0]), config.hidden_size, args.echo_rounds)
-        memory, replica_run = measure_memory(checkpoint, split, full_span, inputs, args.max_new_tokens, log_dir)
-
-    reference = speed["local"].runs[0].new_tokens
-    identical = same_tokens(speed) and torch.equal(replica_run.new_tokens, reference)
+        memory, replica_run = measure_memory(checkpoint, split, full_span, inputs, args.max_new_tokens, args.log_dir)
     if tokenizer is not None:
-        print(f"\ngenerated: {tokenizer.decode(reference)!r}")
-    print(f"\n== {checkpoint.name}: greedy, {args.max_new_tokens} new tokens, median of {args.repeats} runs ==\n")
-    print(format_table(speed_rows(speed, identical, len(spans))), end="\n\n")
-    missing = missing_block_bytes(checkpoint, spans, num_blocks)
-    print(format_table(memory_rows(memory, missing, full_span)), end="\n\n")
-    print(format_table(transport_rows(transport, config.hidden_size * 4)))
+        print(f"\ngenerated: {tokenizer.decode(speed['local'].runs[0].new_tokens)!r}")
+    report(speed, transport, memory, replica_run, checkpoint, spans, full_span, args)
     return 0
 
 
