@@ -3,6 +3,10 @@
 A checkpoint is a local directory in Hugging Face layout (`config.json` plus `model.safetensors` or
 sharded `model-0000x-of-0000y.safetensors` with `model.safetensors.index.json`), or a repo id that
 is already in the local Hugging Face cache. Weights load from safetensors only.
+
+Diffusers layouts work too: a model folder (`config.json` with `_class_name`, weights in
+`diffusion_pytorch_model.safetensors`, possibly sharded with its `.index.json`), or a pipeline folder
+(`model_index.json` naming one folder per component), whose served component is the one a family knows.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Collection
 
 import torch
 from safetensors import safe_open
@@ -36,6 +40,12 @@ SAFETENSORS_DTYPES = {
 }
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+WEIGHT_FILES = (  # (single file, index of shards), in the order they are looked for
+    (SINGLE_FILE, INDEX_FILE),
+    ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+)
+CONFIG_FILE = "config.json"
+PIPELINE_FILE = "model_index.json"  # a diffusers pipeline: one folder per component
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
@@ -59,11 +69,65 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
 
 
 def model_name_of(name_or_path: str | os.PathLike) -> str:
-    """The name a model goes by in the swarm: a repo id as is, a local directory by its base name."""
+    """The name a model goes by in the swarm: a repo id as is, a local directory by its base name, and a
+    component folder of a diffusers pipeline by the pipeline's name (so `sd/unet` and `sd` serve one model)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return path.resolve().name
+        path = path.resolve()
+        return path.parent.name if (path.parent / PIPELINE_FILE).is_file() else path.name
     return str(name_or_path)
+
+
+class DiffusersConfig:
+    """A diffusers model's `config.json`: its fields as attributes, and its class name as `model_type`
+    (`UNet2DConditionModel`), which is how `swarm.models.FAMILIES` knows it."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.values = dict(values)  # every field, as `from_config` of the model's class takes them
+        self.model_type = values["_class_name"]
+
+    def __getattr__(self, name: str):
+        if name != "values" and name in self.__dict__.get("values", {}):
+            return self.values[name]
+        raise AttributeError(f"{type(self).__name__} of {self.__dict__.get('model_type')} has no field {name!r}")
+
+    def __repr__(self) -> str:
+        return f"DiffusersConfig({self.values!r})"
+
+
+def load_model_config(path: Path, served_types: Collection[str]) -> tuple[Any, Path]:
+    """The configuration of the model at `path` and the folder that holds its weights.
+
+    `path` is a transformers model (its config's `model_type` picks the family), a diffusers model (its
+    `_class_name` does), or a diffusers pipeline, whose served component is the one whose class is among
+    `served_types` (the UNet of Stable Diffusion; the text encoder and VAE stay with the client).
+    """
+    if (path / PIPELINE_FILE).is_file() and not (path / CONFIG_FILE).is_file():
+        components = json.loads((path / PIPELINE_FILE).read_text())
+        served = [
+            name
+            for name, value in components.items()
+            if isinstance(value, list) and len(value) == 2 and value[1] in served_types and (path / name).is_dir()
+        ]
+        if len(served) != 1:
+            listed = {name: value[1] for name, value in components.items() if isinstance(value, list) and len(value) == 2}
+            raise ConfigurationError(
+                f"pipeline {path} must have exactly one component that swarm serves ({', '.join(sorted(served_types))}); "
+                f"its components are {listed}"
+            )
+        path = path / served[0]
+    try:
+        values = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        values = None  # transformers says what is wrong below
+    if isinstance(values, dict) and "_class_name" in values:
+        return DiffusersConfig(values), path
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path), path
+    except (OSError, ValueError, KeyError) as error:
+        raise ConfigurationError(f"{path} is not a model that transformers can read: {error}") from None
 
 
 class CheckpointIndex:
@@ -71,17 +135,19 @@ class CheckpointIndex:
 
     def __init__(self, directory: Path):
         self.directory = directory
-        index_path, single_path = directory / INDEX_FILE, directory / SINGLE_FILE
-        if index_path.is_file():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-            self.file_of = {name: directory / file for name, file in weight_map.items()}
-        elif single_path.is_file():
-            with safe_open(single_path, framework="pt") as reader:
-                self.file_of = {name: single_path for name in reader.keys()}
-        else:
-            raise ConfigurationError(
-                f"{directory} has no {SINGLE_FILE} nor {INDEX_FILE}: swarm loads weights from safetensors only"
-            )
+        for single_file, index_file in WEIGHT_FILES:
+            index_path, single_path = directory / index_file, directory / single_file
+            if index_path.is_file():
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+                self.file_of = {name: directory / file for name, file in weight_map.items()}
+                return
+            if single_path.is_file():
+                with safe_open(single_path, framework="pt") as reader:
+                    self.file_of = {name: single_path for name in reader.keys()}
+                return
+        raise ConfigurationError(
+            f"{directory} has no {SINGLE_FILE} nor {INDEX_FILE}: swarm loads weights from safetensors only"
+        )
 
     def names(self, predicate: Callable[[str], bool]) -> list[str]:
         return [name for name in self.file_of if predicate(name)]

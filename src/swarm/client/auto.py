@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import AutoConfig
 
-from swarm.checkpoint import model_name_of, resolve_model_path
+from swarm.checkpoint import load_model_config, model_name_of, resolve_model_path
 from swarm.client.config import ClientConfig
 from swarm.client.remote import RemoteBlocks
 from swarm.errors import ConfigurationError
@@ -24,21 +23,19 @@ class AutoDistributedModel:
         model_name: str | None = None,
         dtype: torch.dtype = torch.float32,
         coverage_timeout: float | None = None,
-        request_timeout: float | None = None,
+        step_timeout: float | None = None,
         client_config: ClientConfig | None = None,
     ):
         """Loads only the client-side weights of `name_or_path` and finds servers for its blocks.
 
-        Waits up to `coverage_timeout` seconds for the swarm to cover every block, then raises
-        `MissingBlocksError` naming the blocks that no server hosts.
+        For a diffusers pipeline folder, returns the pipeline with its UNet in the swarm (its other
+        components run here). Waits up to `coverage_timeout` seconds for the swarm to cover every block,
+        then raises `MissingBlocksError` naming the blocks that no server hosts.
         """
-        from swarm.models import family_for
+        from swarm.models import FAMILIES, family_for
 
         path = resolve_model_path(name_or_path)
-        try:
-            config = AutoConfig.from_pretrained(path)
-        except (OSError, ValueError, KeyError) as error:
-            raise ConfigurationError(f"{path} is not a model that transformers can read: {error}") from None
+        config, _ = load_model_config(path, FAMILIES)
         family = family_for(config)
         config = family.prepare_config(config)
         client_config = client_config or ClientConfig()
@@ -46,11 +43,13 @@ class AutoDistributedModel:
         client_config.model_name = model_name or client_config.model_name or model_name_of(name_or_path)
         if coverage_timeout is not None:
             client_config.coverage_timeout = coverage_timeout
-        if request_timeout is not None:
-            client_config.request_timeout = request_timeout
+        if step_timeout is not None:
+            client_config.step_timeout = step_timeout
         if not client_config.initial_peers:
             raise ConfigurationError("pass initial_peers: the multiaddrs of any peer of the swarm")
-        remote = RemoteBlocks(client_config, client_config.model_name, family.num_blocks(config))
+        remote = RemoteBlocks(
+            client_config, client_config.model_name, family.num_blocks(config), phases=family.phases(config)
+        )
         try:
             return family.client_model(path, config, remote, dtype)
         except BaseException:

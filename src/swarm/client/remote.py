@@ -33,10 +33,18 @@ Tensors = dict[str, torch.Tensor]
 class RemoteBlocks:
     """Blocks [0, num_blocks) of `model_name`, served by the swarm that `config.initial_peers` lead to."""
 
-    def __init__(self, config: ClientConfig, model_name: str, num_blocks: int, dht: hivemind.DHT | None = None):
+    def __init__(
+        self,
+        config: ClientConfig,
+        model_name: str,
+        num_blocks: int,
+        dht: hivemind.DHT | None = None,
+        phases: tuple[str, ...] = (),
+    ):
         self.config = config
         self.model_name = model_name
         self.span = BlockSpan(0, num_blocks)
+        self.phases = tuple(phases)  # the passes of a step over a route (see `ModelFamily.phases`); () for one
         self.dht = dht or hivemind.DHT(initial_peers=config.initial_peers, client_mode=True, start=True)
         self.latencies: dict[str, float] = {}
         self.banned_until: dict[str, float] = {}
@@ -133,8 +141,14 @@ class RemoteBlocks:
     def forward(self, tensors: Tensors, span: BlockSpan | None = None) -> Tensors:
         """Runs blocks `span` (default: all) without a cache, re-routing around servers that fail. A hop's
         reply tensors replace the inputs of the same name for the next hop (hidden states); the others travel
-        unchanged (position ids, masks). Floating-point tensors come back in the caller's dtype."""
+        unchanged (position ids, masks). Floating-point tensors come back in the caller's dtype.
+
+        A model whose steps make a round trip keeps state on its servers between the two passes: its
+        forward is one step of a short-lived inference session."""
         span = span or self.span
+        if self.phases:
+            with self.inference_session(max_length=1, span=span) as session:
+                return session.step(tensors, keeps_state=False)
         tensors = {name: tensor for name, tensor in tensors.items() if tensor is not None}
         caller_dtypes = {name: tensor.dtype for name, tensor in tensors.items()}
         budget, block = self.config.retry.start(), span.start

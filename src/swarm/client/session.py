@@ -4,6 +4,15 @@ The client remembers, for every hop, the inputs it sent there. When a server die
 timeout or answers with an error of its own, the client bans it, routes its blocks to other servers
 (one or several, split any way), replays the remembered inputs through them step by step (so their
 caches are rebuilt exactly as the lost one was), and carries on. Retries follow `ClientConfig.retry`.
+
+A step makes one pass over the route, or, for a model with two phases (a UNet), a round trip:
+
+    hop 0 (out) -> hop 1 (out) -> ... -> last hop (out and back, one request) -> ... -> hop 1 (back) -> hop 0 (back)
+
+Hops remember both kinds of request, and a lost hop's replacement replays them the same way. A caller
+may say that a step leaves nothing the next steps need (`keeps_state=False`: a denoising step, whose
+skip tensors live only until its way back), or that it replaces everything before it
+(`resets_state=True`: new conditioning); failover then replays only what the servers' state depends on.
 """
 
 from __future__ import annotations
@@ -22,6 +31,18 @@ from swarm.transport import Connection
 logger = logging.getLogger(__name__)
 
 
+Phases = tuple[str, ...] | None  # the phases one request runs; None for a model that makes one pass
+
+
+@dataclass
+class SentRequest:
+    """A request a hop's session was sent, as it was sent."""
+
+    step: int  # the session's step it belongs to
+    phases: Phases
+    tensors: Tensors
+
+
 @dataclass
 class ServerSession:
     """One hop's session: its connection, the server's session id, and every input it has been sent."""
@@ -29,12 +50,14 @@ class ServerSession:
     hop: Hop
     connection: Connection
     session_id: str
-    history: list[Tensors] = field(default_factory=list)  # inputs of each step, as sent, oldest first
+    history: list[SentRequest] = field(default_factory=list)  # what the server's state depends on, oldest first
 
-    def step(self, remote: RemoteBlocks, tensors: Tensors) -> tuple[dict, Tensors]:
+    def step(self, remote: RemoteBlocks, tensors: Tensors, phases: Phases, step: int) -> tuple[dict, Tensors]:
         fields = {"method": "step", "session_id": self.session_id}
+        if phases is not None:
+            fields["phases"] = list(phases)
         reply = run_hop(self.connection, self.hop, fields, tensors, remote.request_timeout(tokens_of(tensors)))
-        self.history.append(tensors)
+        self.history.append(SentRequest(step, phases, tensors))
         return reply
 
     def close(self):
@@ -52,6 +75,8 @@ class InferenceSession:
         self.remote = remote
         self.max_length = max_length
         self.span = span  # the blocks this session runs
+        self.phases = remote.phases  # () for one pass per step, (out, back) for a round trip
+        self.steps = 0  # steps completed
         self.position = 0  # positions the servers have processed
         self.output_ids: torch.Tensor | None = None  # tokens of the conversation so far (for generate)
         self.output_mask: torch.Tensor | None = None  # their attention mask, None while all ones
@@ -96,60 +121,87 @@ class InferenceSession:
         hypo_ids, self._hypo_ids = self._hypo_ids, None
         return hypo_ids
 
-    def step(self, tensors: Tensors) -> Tensors:
-        """Sends new positions through every hop. A hop's reply tensors replace the inputs of the same name for
-        the next hop (hidden states); the others travel unchanged (position ids, masks). Floating-point tensors
-        come back in the caller's dtype."""
+    def step(self, tensors: Tensors, keeps_state: bool = True, resets_state: bool = False) -> Tensors:
+        """Sends new positions through every hop (and back, for a round trip). On the way out, a hop's reply
+        tensors replace the inputs of the same name for the next hop (hidden states); the others travel
+        unchanged (position ids, masks). On the way back, each hop receives what the previous one returned.
+        Floating-point tensors come back in the caller's dtype.
+
+        `keeps_state=False`: the servers' state after this step does not depend on it, so failover does not
+        replay it once it has completed. `resets_state=True`: their state after it depends on nothing
+        before it, so failover replays nothing older."""
         current = {name: tensor for name, tensor in tensors.items() if tensor is not None}
         caller_dtypes = {name: tensor.dtype for name, tensor in current.items()}
-        budget, index, reply, outputs = self.remote.config.retry.start(), 0, {}, {}
-        while index < len(self._server_sessions):
-            server_session = self._server_sessions[index]
+        budget, reply, outputs = self.remote.config.retry.start(), {}, {}
+        full_step = self.phases or None
+        plan, position = plan_requests(len(self._server_sessions), full_step, self.phases), 0
+        while position < len(plan):
+            index, phases = plan[position]
             try:
-                reply, outputs = server_session.step(self.remote, current)
+                reply, outputs = self._server_sessions[index].step(self.remote, current, phases, self.steps)
             except Exception as error:
                 if not is_retriable(error):
                     raise
-                self._replace(index, error, budget)
+                extra_hops = self._replace(index, error, budget) - 1
+                plan = plan_requests(len(self._server_sessions), full_step, self.phases)
+                # the way out goes on from the first hop that replaced the lost one, the way back from the last
+                returning = phases is not None and phases == self.phases[1:]
+                position = plan.index((index + extra_hops, phases)) if returning else index
                 continue
-            current = {**current, **outputs}
-            index += 1
+            current = {**current, **outputs} if not self._goes_back(phases) else outputs
+            position += 1
+        self._forget(keeps_state, resets_state)
+        self.steps += 1
         self.position = reply["length"]
         return {name: current[name].to(caller_dtypes.get(name, current[name].dtype)) for name in outputs}
 
-    def _replace(self, index: int, error: Exception, budget: RetryBudget):
-        """Swaps hop `index` for a new route over its blocks and replays its history there."""
+    def _goes_back(self, phases: Phases) -> bool:
+        """Whether a request with `phases` returns what the next request of the way back receives."""
+        return phases is not None and self.phases[-1] in phases
+
+    def _forget(self, keeps_state: bool, resets_state: bool):
+        """Drops from every hop's history what failover no longer needs to replay after this step."""
+        for server_session in self._server_sessions:
+            server_session.history = [
+                request
+                for request in server_session.history
+                if (keeps_state or request.step != self.steps) and (not resets_state or request.step >= self.steps)
+            ]
+
+    def _replace(self, index: int, error: Exception, budget: RetryBudget) -> int:
+        """Swaps hop `index` for a new route over its blocks and replays its history there; returns the
+        number of hops that replaced it."""
         failed = self._server_sessions[index]
         failed.connection.close()
         failed_hop = failed.hop
         while True:
             route = self.remote.recover(failed_hop, error, budget, failed.hop.span)
             logger.warning(
-                f"Replacing {failed.hop} with {', '.join(map(str, route))}: replaying {len(failed.history)} step(s)"
+                f"Replacing {failed.hop} with {', '.join(map(str, route))}: replaying {len(failed.history)} request(s)"
             )
             try:
                 self._server_sessions[index : index + 1] = self._replay(route, failed.history)
-                return
+                return len(route)
             except Exception as replay_error:
                 if not is_retriable(replay_error):
                     raise
                 error, failed_hop = replay_error, getattr(replay_error, "hop", failed_hop)
 
-    def _replay(self, route: list[Hop], history: list[Tensors]) -> list[ServerSession]:
-        """Opens sessions on `route` and sends them `history`, each hop's outputs feeding the next hop."""
+    def _replay(self, route: list[Hop], history: list[SentRequest]) -> list[ServerSession]:
+        """Opens sessions on `route` and sends them `history`, each request taking the path it took before."""
         opened = []
         try:
             for hop in route:
                 opened.append(self._open(hop))
-            for step_inputs in history:
-                current = dict(step_inputs)
-                for server_session in opened:
+            for request in history:
+                current = dict(request.tensors)
+                for index, phases in plan_requests(len(opened), request.phases, self.phases):
                     try:
-                        _, outputs = server_session.step(self.remote, current)
+                        _, outputs = opened[index].step(self.remote, current, phases, request.step)
                     except Exception as error:
-                        error.hop = server_session.hop
+                        error.hop = opened[index].hop
                         raise
-                    current = {**current, **outputs}
+                    current = {**current, **outputs} if not self._goes_back(phases) else outputs
         except BaseException:
             for server_session in opened:
                 server_session.connection.close()
@@ -165,3 +217,20 @@ class InferenceSession:
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+def plan_requests(count: int, phases: Phases, model_phases: tuple[str, ...]) -> list[tuple[int, Phases]]:
+    """(hop index, phases) of each request that carries `phases` through `count` consecutive hops, in order.
+
+    One pass (`phases` None): every hop in order. A round trip (`phases` == `model_phases` == (out, back)):
+    the hops in order with `out`, the last one with both, then the others in reverse order with `back`.
+    A lone `out` or `back` (what a hop in the middle of a route was sent): that half of the trip alone.
+    """
+    if phases is None:
+        return [(index, None) for index in range(count)]
+    out, back = model_phases
+    turns = out in phases and back in phases
+    outward = [(index, (out,)) for index in range(count - turns)] if out in phases else []
+    turn = [(count - 1, (out, back))] if turns else []
+    inward = [(index, (back,)) for index in reversed(range(count - turns))] if back in phases else []
+    return outward + turn + inward

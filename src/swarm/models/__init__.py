@@ -1,4 +1,5 @@
-"""Model families, one file each, registered in `FAMILIES` by `config.model_type`."""
+"""Model families, one file each, registered in `FAMILIES` by `config.model_type` (for a diffusers model,
+its class name: see `swarm.checkpoint.DiffusersConfig`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from swarm.models.base import ModelFamily
 from swarm.models.llama import LlamaFamily
 from swarm.models.mixtral import MixtralFamily
 from swarm.models.t5 import T5Family
+from swarm.models.unet import UNetFamily
 
 FAMILIES: dict[str, ModelFamily] = {
     "llama": LlamaFamily(),
     "mixtral": MixtralFamily(),
     "t5": T5Family(),
+    "UNet2DConditionModel": UNetFamily(),
 }
 
 

@@ -6,12 +6,16 @@ object the family creates (a KV cache, a growing attention mask, an encoder outp
 
 Inputs and outputs of a span are dicts of named tensors, so a family chooses what travels between
 peers (hidden states and position ids for a decoder; sample and time embedding for a UNet).
+
+Most models make one pass over a route per step. A U-shaped model (a UNet) declares two `phases`: a
+step then goes down the route in order and comes back up in reverse, each server keeping what the way
+back needs (skip tensors) in its session state; `check_inputs` and `forward` get the `phase` keyword.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -59,6 +63,12 @@ class ModelFamily:
         """Builds block `index` with empty weights; `local_index` is its position on this server."""
         raise NotImplementedError
 
+    def block_tensor_names(self, config, index: int, checkpoint_names: Iterable[str]) -> dict[str, str]:
+        """Checkpoint name -> name in block `index`'s state dict, for every tensor that block holds.
+        By default, the tensors under `block_prefix`, without it."""
+        prefix = self.block_prefix(config, index)
+        return {name: name[len(prefix) :] for name in checkpoint_names if name.startswith(prefix)}
+
     def convert_block_tensors(self, config, tensors: Tensors) -> Tensors:
         """Renames or fuses one block's checkpoint tensors into the layout `build_block` expects."""
         return tensors
@@ -67,6 +77,13 @@ class ModelFamily:
         """Consecutive groups of blocks that run one after the other (an encoder, then a decoder).
         A request never crosses a stage boundary."""
         return [BlockSpan(0, self.num_blocks(config))]
+
+    def phases(self, config) -> tuple[str, ...]:
+        """The passes a step makes over a route. `()` (the default): one pass, hops in route order. Two names
+        make a round trip: the first pass visits the hops in route order, the second in reverse order; the
+        last hop runs both in one request, and each request of the second pass receives only what the
+        previous one returned (the servers keep the rest)."""
+        return ()
 
     def build_helpers(self, config, device: torch.device, checkpoint: CheckpointIndex, span: BlockSpan) -> dict[str, nn.Module]:
         """Small modules a server needs besides its blocks (rotary embeddings, position biases, ...)."""
@@ -79,11 +96,14 @@ class ModelFamily:
     def check_inputs(
         self, loaded: LoadedSpan, inputs: Tensors, state: Any | None, max_length: int | None, sub_span: BlockSpan
     ):
-        """Raises `BadRequestError` naming what is wrong with a request's tensors for blocks `sub_span`."""
+        """Raises `BadRequestError` naming what is wrong with a request's tensors for blocks `sub_span`.
+        A family with `phases` also takes `phase=` (one of them)."""
         raise NotImplementedError
 
     def forward(self, loaded: LoadedSpan, sub_span: BlockSpan, inputs: Tensors, state: Any | None) -> Tensors:
-        """Runs blocks `sub_span` on `inputs`; `state` is None for a forward without a session."""
+        """Runs blocks `sub_span` on `inputs`; `state` is None for a forward without a session.
+        A family with `phases` also takes `phase=` (one of them; None with no state: the server measuring
+        its speed runs every phase)."""
         raise NotImplementedError
 
     def example_inputs(self, loaded: LoadedSpan) -> Tensors:
@@ -105,7 +125,9 @@ def load_span(
     for index in range(span.start, span.end):
         with init_empty_weights():
             block = family.build_block(config, index, index - span.start)
-        tensors = family.convert_block_tensors(config, checkpoint.load_prefix(family.block_prefix(config, index)))
+        names = family.block_tensor_names(config, index, checkpoint.file_of)
+        stored = checkpoint.load(list(names))
+        tensors = family.convert_block_tensors(config, {names[name]: tensor for name, tensor in stored.items()})
         try:
             block.load_state_dict(tensors, strict=True, assign=True)
         except RuntimeError as error:

@@ -5,7 +5,8 @@ Requests are `{"method": ..., ...fields}` plus named tensors (see `swarm.wire`):
     info                                    -> model, span, dtype, version
     forward  start, end         + tensors   -> tensors        (no cache)
     open     start, end, max_length         -> session_id
-    step     session_id         + tensors   -> tensors, length
+    step     session_id [phases] + tensors  -> tensors, length  (phases: for a round-trip model, the ones
+                                                                  to run, each fed what the previous returned)
     close    session_id                     -> closed
     echo                        + tensors   -> the same tensors (measures the transport alone)
 """
@@ -83,14 +84,29 @@ class RequestHandler:
 
     def rpc_step(self, fields, tensors, context) -> Message:
         session = self.sessions.get(fields.get("session_id"))
+        phases = self._phases(fields)
         with session.lock:
-            self.family.check_inputs(self.loaded, tensors, session.state, session.max_length, session.span)
-            with self.compute_lock, torch.inference_mode():
-                outputs = self.family.forward(self.loaded, session.span, tensors, session.state)
-            return {"length": self.family.state_length(session.state)}, outputs
+            for phase in phases:
+                phase_argument = {} if phase is None else {"phase": phase}
+                self.family.check_inputs(
+                    self.loaded, tensors, session.state, session.max_length, session.span, **phase_argument
+                )
+                with self.compute_lock, torch.inference_mode():
+                    tensors = self.family.forward(self.loaded, session.span, tensors, session.state, **phase_argument)
+            return {"length": self.family.state_length(session.state)}, tensors
 
     def rpc_close(self, fields, tensors, context) -> Message:
         return {"closed": self.sessions.close(fields.get("session_id"))}, {}
+
+    def _phases(self, fields: dict[str, Any]) -> list[str | None]:
+        """The phases a step runs, in order: [None] for a model that makes one pass per step."""
+        declared, phases = list(self.family.phases(self.loaded.config)), fields.get("phases")
+        if not declared:
+            require(phases is None, "this model makes one pass per step; a step takes no 'phases'")
+            return [None]
+        runs = [declared[start:end] for start in range(len(declared)) for end in range(start + 1, len(declared) + 1)]
+        require(phases in runs, f"phases must be one or more of {declared}, in that order; got {phases!r}")
+        return phases
 
     def _sub_span(self, fields: dict[str, Any]) -> BlockSpan:
         start, end = fields.get("start"), fields.get("end")

@@ -9,12 +9,11 @@ import time
 import hivemind
 import psutil
 from tqdm.auto import tqdm
-from transformers import AutoConfig
 
 from swarm import __version__
-from swarm.checkpoint import CheckpointIndex, model_name_of, resolve_model_path
+from swarm.checkpoint import CheckpointIndex, load_model_config, model_name_of, resolve_model_path
 from swarm.errors import ConfigurationError, ServerUnavailableError
-from swarm.models import family_for
+from swarm.models import FAMILIES, family_for
 from swarm.models.base import LoadedSpan, load_span
 from swarm.records import ServerRecord, ServerState, announce, announce_model, fetch_records
 from swarm.server.block_selection import block_capacities, blocks_that_fit, choose_span, should_move
@@ -36,7 +35,7 @@ class Server:
         self.config = config
         self.path = resolve_model_path(config.model)
         self.model_name = config.model_name or model_name_of(config.model)
-        model_config = _load_config(self.path)
+        model_config, self.weights_path = load_model_config(self.path, FAMILIES)
         self.family = family_for(model_config)
         self.model_config = self.family.prepare_config(model_config)
         self.num_blocks = self.family.num_blocks(self.model_config)
@@ -48,7 +47,7 @@ class Server:
             raise ConfigurationError(f"--num-blocks must be between 1 and {self.num_blocks}, got {config.num_blocks}")
         if not config.initial_peers and not config.new_swarm:
             raise ConfigurationError("pass --initial-peers to join a swarm, or --new-swarm to start one")
-        self.checkpoint = CheckpointIndex(self.path)
+        self.checkpoint = CheckpointIndex(self.weights_path)
         self.stop_requested = threading.Event()
         self.dht: hivemind.DHT | None = None
         self.transport: TensorServer | None = None
@@ -112,8 +111,8 @@ class Server:
         return count
 
     def _block_bytes(self, index: int) -> int:
-        prefix = self.family.block_prefix(self.model_config, index)
-        return self.checkpoint.nbytes(self.checkpoint.names(lambda name: name.startswith(prefix)), self.config.dtype)
+        names = self.family.block_tensor_names(self.model_config, index, self.checkpoint.file_of)
+        return self.checkpoint.nbytes(list(names), self.config.dtype)
 
     def _fetch_records(self) -> list[list[ServerRecord]]:
         return fetch_records(self.dht, self.model_name, self.num_blocks)
@@ -149,7 +148,7 @@ class Server:
         return handler(fields, tensors, context)
 
     def _load_blocks(self, span: BlockSpan) -> LoadedSpan:
-        logger.info(f"Loading blocks {span} of {self.model_name} from {self.path}")
+        logger.info(f"Loading blocks {span} of {self.model_name} from {self.weights_path}")
         with tqdm(total=len(span), desc=f"Loading blocks {span}", unit="block") as progress:
             return load_span(
                 self.family, self.model_config, self.checkpoint, span, self.config.dtype, self.config.device, progress
@@ -197,10 +196,3 @@ class Server:
         if self.dht is not None:
             self.dht.shutdown()
         logger.info(f"Server of {self.model_name} blocks {self.span} stopped")
-
-
-def _load_config(path):
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as error:
-        raise ConfigurationError(f"{path} is not a model that transformers can read: {error}") from None
