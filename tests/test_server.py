@@ -144,9 +144,12 @@ def test_malformed_messages_do_not_disturb_other_clients(llama_swarm_3, first_se
     garbage = [b"\xff" * 64, b"\x05\x00\x00\x00\x00\x00\x00\x00{nope", _frame({"tensors": [{"name": "x", "dtype": "f", "shape": [1]}]})]
     for payload in garbage:
         with socket.create_connection((host, int(port)), timeout=10) as sock:
-            sock.sendall(payload)
-            sock.shutdown(socket.SHUT_WR)
-            reply = sock.recv(65536)
+            try:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+                reply = sock.recv(65536)
+            except OSError:  # the server may answer and close before we finish sending
+                reply = b""
         assert b"error" in reply or reply == b""
     reply, outputs = first_server.request({"method": "echo"}, {"x": torch.ones(3)})
     assert torch.equal(outputs["x"], torch.ones(3))
