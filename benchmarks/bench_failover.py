@@ -59,7 +59,7 @@ class ReplayLog(logging.Handler):
         self.seconds: list[float] = []
 
     def emit(self, record):
-        if match := re.search(r"replayed (\d+) step\(s\) in ([\d.]+) s", record.getMessage()):
+        if match := re.search(r"replayed (\d+) request\(s\) in ([\d.]+) s", record.getMessage()):
             self.seconds.append(float(match.group(2)))
 
 
@@ -78,7 +78,9 @@ def main():
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     replay_log = ReplayLog()
-    logging.getLogger("swarm.client.session").addHandler(replay_log)
+    session_logger = logging.getLogger("swarm.client.session")
+    session_logger.setLevel(logging.INFO)
+    session_logger.addHandler(replay_log)
     checkpoint = smollm2_checkpoint()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     chat = [{"role": "user", "content": PROMPT}]

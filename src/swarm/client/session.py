@@ -18,6 +18,7 @@ skip tensors live only until its way back), or that it replaces everything befor
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -180,7 +181,10 @@ class InferenceSession:
                 f"Replacing {failed.hop} with {', '.join(map(str, route))}: replaying {len(failed.history)} request(s)"
             )
             try:
+                started = time.perf_counter()
                 self._server_sessions[index : index + 1] = self._replay(route, failed.history)
+                seconds = time.perf_counter() - started
+                logger.info(f"Replaced {failed.hop}: replayed {len(failed.history)} request(s) in {seconds:.3f} s")
                 return len(route)
             except Exception as replay_error:
                 if not is_retriable(replay_error):
