@@ -61,7 +61,7 @@ from swarm import AutoDistributedModel
 from swarm.checkpoint import CheckpointIndex
 from swarm.launch import LocalSwarm, PeerProcess
 from swarm.models import family_for
-from swarm.transport import Connection
+from swarm.transport import Connection, receive_exactly
 
 SPEED_TARGET = 0.90  # swarm tokens/s over local tokens/s
 MEMORY_TARGET = 0.60  # (full replica PSS - 10-block server PSS) over the weight bytes of the 20 missing blocks
@@ -154,17 +154,6 @@ def missing_block_bytes(checkpoint: Path, spans: list[str], num_blocks: int) -> 
 
 
 # Transport
-
-
-def receive_exactly(sock: socket.socket, size: int) -> bytearray:
-    buffer = bytearray(size)
-    view, received = memoryview(buffer), 0
-    while received < size:
-        count = sock.recv_into(view[received:], size - received)
-        if count == 0:
-            raise ConnectionError("connection closed")
-        received += count
-    return buffer
 
 
 class PlainEchoServer:

@@ -116,7 +116,7 @@ class WireCounter:
 
     def __init__(self):
         self.total = 0
-        self._send, self._receive = transport.send_message, transport._receive_exactly
+        self._send, self._receive = transport.send_message, transport.receive_exactly
 
     def __enter__(self):
         def send_message(sock, fields, tensors=None):
@@ -127,11 +127,11 @@ class WireCounter:
             self.total += size
             return self._receive(sock, size)
 
-        transport.send_message, transport._receive_exactly = send_message, receive_exactly
+        transport.send_message, transport.receive_exactly = send_message, receive_exactly
         return self
 
     def __exit__(self, *exc_info):
-        transport.send_message, transport._receive_exactly = self._send, self._receive
+        transport.send_message, transport.receive_exactly = self._send, self._receive
 
 
 @dataclass

@@ -34,9 +34,9 @@ PREALLOCATE_LIMIT = 64 << 20  # larger messages are received in chunks, so a pee
 # size costs this much memory at most until its bytes actually arrive
 
 
-def _receive_exactly(sock: socket.socket, size: int) -> bytearray:
+def receive_exactly(sock: socket.socket, size: int) -> bytearray:
     if size > PREALLOCATE_LIMIT:
-        chunks = [_receive_exactly(sock, min(PREALLOCATE_LIMIT, size - done)) for done in range(0, size, PREALLOCATE_LIMIT)]
+        chunks = [receive_exactly(sock, min(PREALLOCATE_LIMIT, size - done)) for done in range(0, size, PREALLOCATE_LIMIT)]
         return bytearray().join(chunks)
     buffer = bytearray(size)
     view, received = memoryview(buffer), 0
@@ -49,9 +49,9 @@ def _receive_exactly(sock: socket.socket, size: int) -> bytearray:
 
 
 def receive_message(sock: socket.socket) -> Message:
-    header_length, body_length = wire.decode_prefix(bytes(_receive_exactly(sock, wire.FRAME_PREFIX.size)))
-    header = _receive_exactly(sock, header_length)
-    body = _receive_exactly(sock, body_length)
+    header_length, body_length = wire.decode_prefix(bytes(receive_exactly(sock, wire.FRAME_PREFIX.size)))
+    header = receive_exactly(sock, header_length)
+    body = receive_exactly(sock, body_length)
     return wire.decode(bytes(header), body)
 
 
