@@ -4,7 +4,7 @@ import hivemind
 import pytest
 from hivemind.utils import get_dht_time
 
-from swarm.records import ServerRecord, ServerState, announce, fetch_records
+from swarm.records import ServerRecord, ServerState, announce, fetch_models, fetch_records
 
 
 def make_record(peer_id="peer", start=0, end=2, **overrides):
@@ -42,11 +42,12 @@ def two_dht_peers():
 
 def test_announced_records_are_found_per_block_and_expire(two_dht_peers):
     writer, reader = two_dht_peers
-    assert announce(writer, "model-x", make_record("a", 0, 2), ttl=60)
-    assert announce(writer, "model-x", make_record("b", 1, 3, state=ServerState.JOINING), ttl=1.5)
+    assert announce(writer, "model-x", make_record("a", 0, 2), num_blocks=4, ttl=60)
+    assert announce(writer, "model-x", make_record("b", 1, 3, state=ServerState.JOINING), num_blocks=4, ttl=1.5)
     writer.store("model-x.block2", {"garbage": True}, get_dht_time() + 60, subkey="c")
     records = fetch_records(reader, "model-x", 4)
     assert [sorted(r.peer_id for r in block) for block in records] == [["a"], ["a", "b"], ["b"], []]
+    assert fetch_models(reader) == {"model-x": 4}
     time.sleep(2)
     records = fetch_records(reader, "model-x", 4)
     assert [sorted(r.peer_id for r in block) for block in records] == [["a"], ["a"], [], []]

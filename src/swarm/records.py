@@ -9,11 +9,13 @@ whose known fields are valid and ignore unknown fields, so newer servers don't b
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from hivemind import DHT
+from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
 from swarm.spans import BlockSpan
@@ -74,24 +76,29 @@ def block_key(model_name: str, block: int) -> str:
     return f"{model_name}.block{block}"
 
 
-def announce(dht: DHT, model_name: str, record: ServerRecord, ttl: float) -> bool:
-    """Stores `record` under every block of its span; returns True if every store succeeded."""
-    expiration = get_dht_time() + ttl
-    futures = [
-        dht.store(block_key(model_name, block), record.to_dict(), expiration, subkey=record.peer_id, return_future=True)
-        for block in range(record.start, record.end)
-    ]
-    results = [future.result() for future in futures]
-    return all(results)
-
-
 MODELS_KEY = "swarm.models"  # subkey: model name, value: {"num_blocks": N}
 
 
-def announce_model(dht: DHT, model_name: str, num_blocks: int, ttl: float) -> bool:
-    """Lists the model in the swarm's registry of models, which `swarm.status` reads."""
-    value = {"num_blocks": num_blocks}
-    return bool(dht.store(MODELS_KEY, value, get_dht_time() + ttl, subkey=model_name))
+def announce(dht: DHT, model_name: str, record: ServerRecord, num_blocks: int, ttl: float) -> bool:
+    """Stores `record` under every block of its span and lists the model (with its `num_blocks`) in the
+    swarm's registry of models, which `swarm.status` reads. One batch of DHT requests: a store per key
+    would wake every DHT peer once per block. Returns True if every block's record was stored (the registry
+    entry is refused when another server of the model stored one that expires later, which is as good)."""
+    keys = [block_key(model_name, block) for block in range(record.start, record.end)] + [MODELS_KEY]
+    values = [record.to_dict()] * len(record.span) + [{"num_blocks": num_blocks}]
+    subkeys = [record.peer_id] * len(record.span) + [model_name]
+    store = functools.partial(_store_many, keys=keys, values=values, subkeys=subkeys, expiration=get_dht_time() + ttl)
+    stored = dht.run_coroutine(store)
+    return all(stored[key, record.peer_id] for key in keys[:-1])
+
+
+async def _store_many(dht: DHT, node: DHTNode, keys: list, values: list, subkeys: list, expiration: float):
+    return await node.store_many(keys, values, expiration, subkeys=subkeys)
+
+
+async def _get_many(dht: DHT, node: DHTNode, keys: list) -> dict:
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
+    return {key: found.get(key) for key in keys}
 
 
 def fetch_models(dht: DHT) -> dict[str, int]:
@@ -107,11 +114,13 @@ def fetch_models(dht: DHT) -> dict[str, int]:
 
 
 def fetch_records(dht: DHT, model_name: str, num_blocks: int) -> list[list[ServerRecord]]:
-    """Returns, for each block of the model, the valid records of the servers announcing it."""
-    futures = [dht.get(block_key(model_name, block), latest=True, return_future=True) for block in range(num_blocks)]
+    """Returns, for each block of the model, the valid records of the servers announcing it (one batch of
+    DHT requests for all blocks)."""
+    keys = [block_key(model_name, block) for block in range(num_blocks)]
+    found_by_key = dht.run_coroutine(functools.partial(_get_many, keys=keys))
     records_by_block = []
-    for block, future in enumerate(futures):
-        found = future.result()
+    for block, key in enumerate(keys):
+        found = found_by_key[key]
         records = []
         if found is not None and isinstance(found.value, dict):
             for entry in found.value.values():

@@ -15,7 +15,7 @@ from swarm.checkpoint import CheckpointIndex, load_model_config, model_name_of, 
 from swarm.errors import ConfigurationError, ServerUnavailableError
 from swarm.models import FAMILIES, family_for
 from swarm.models.base import LoadedSpan, load_span
-from swarm.records import ServerRecord, ServerState, announce, announce_model, fetch_records
+from swarm.records import ServerRecord, ServerState, announce, fetch_records
 from swarm.server.block_selection import block_capacities, blocks_that_fit, choose_span, should_move
 from swarm.server.config import ServerConfig
 from swarm.server.handlers import RequestHandler
@@ -174,9 +174,7 @@ class Server:
             address=self.address,
             dtype=dtype_name(self.config.dtype),
         )
-        stored = announce(self.dht, self.model_name, record, self.config.record_ttl)
-        stored &= announce_model(self.dht, self.model_name, self.num_blocks, self.config.record_ttl)
-        if not stored:
+        if not announce(self.dht, self.model_name, record, self.num_blocks, self.config.record_ttl):
             logger.warning(f"Could not store every record of blocks {self.span} in the DHT")
 
     def _shutdown(self):
