@@ -174,7 +174,7 @@ def _frame(header: dict) -> bytes:
 
 @pytest.fixture(scope="module")
 def bfloat16_swarm(tiny_llama):
-    args = ("--dtype", "bfloat16", "--session-timeout", "1", "--announce-period", "0.5")
+    args = ("--dtype", "bfloat16", "--session-timeout", "1")
     with LocalSwarm(tiny_llama, ["0:5"], server_args=args) as swarm:
         yield swarm
 

@@ -66,8 +66,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     parser.add_argument("--session-timeout", type=float, default=300.0, help="seconds an idle session lives")
     parser.add_argument("--max-session-length", type=int, help="longest session (default: model's max positions)")
-    parser.add_argument("--announce-period", type=float, default=10.0, help="seconds between DHT announcements")
-    parser.add_argument("--record-ttl", type=float, default=30.0, help="seconds a DHT record lives")
+    parser.add_argument("--announce-period", type=float, default=30.0, help="seconds between DHT announcements")
+    parser.add_argument("--record-ttl", type=float, default=90.0, help="seconds a DHT record lives")
     parser.add_argument(
         "--shutdown-grace", type=float, default=5.0, help="seconds active sessions may finish after SIGTERM"
     )

@@ -28,6 +28,6 @@ class ServerConfig:
     device: str = "cpu"
     session_timeout: float = 300.0  # seconds an idle session keeps its cache
     max_session_length: int | None = None  # longest session allowed; default: the model's max positions
-    announce_period: float = 10.0  # seconds between re-announcements in the DHT
-    record_ttl: float = 30.0  # seconds a record lives unless re-announced
+    announce_period: float = 30.0  # seconds between re-announcements in the DHT (each one wakes every DHT peer)
+    record_ttl: float = 90.0  # seconds a record lives unless re-announced
     shutdown_grace: float = 5.0  # seconds active sessions may finish after SIGTERM before the server exits

@@ -27,6 +27,7 @@ from swarm.wire import dtype_name
 
 logger = logging.getLogger(__name__)
 
+HOUSEKEEPING_PERIOD = 1.0  # seconds between checks for idle sessions (and for announcing, rebalancing)
 PROCESS_RESERVE = 1 << 30  # bytes kept for the process itself when the span is sized by available memory
 
 
@@ -59,12 +60,15 @@ class Server:
         """Serves until `stop_requested` is set, then leaves the swarm cleanly."""
         try:
             self._start()
-            last_rebalance = time.monotonic()
-            while not self.stop_requested.wait(self.config.announce_period):
+            last_announce = last_rebalance = time.monotonic()
+            while not self.stop_requested.wait(min(HOUSEKEEPING_PERIOD, self.config.announce_period)):
                 self.handler.sessions.close_idle()
-                self._announce(ServerState.ONLINE)
-                if self._chooses_span and time.monotonic() - last_rebalance >= self.config.rebalance_period:
-                    last_rebalance = time.monotonic()
+                now = time.monotonic()
+                if now - last_announce >= self.config.announce_period:
+                    last_announce = now
+                    self._announce(ServerState.ONLINE)
+                if self._chooses_span and now - last_rebalance >= self.config.rebalance_period:
+                    last_rebalance = now
                     self._rebalance()
         finally:
             self._shutdown()
