@@ -84,12 +84,13 @@ def announce(dht: DHT, model_name: str, record: ServerRecord, num_blocks: int, t
     swarm's registry of models, which `swarm.status` reads. One batch of DHT requests: a store per key
     would wake every DHT peer once per block. Returns True if every block's record was stored (the registry
     entry is refused when another server of the model stored one that expires later, which is as good)."""
-    keys = [block_key(model_name, block) for block in range(record.start, record.end)] + [MODELS_KEY]
-    values = [record.to_dict()] * len(record.span) + [{"num_blocks": num_blocks}]
-    subkeys = [record.peer_id] * len(record.span) + [model_name]
+    block_keys = [block_key(model_name, block) for block in record.span]
+    keys = block_keys + [MODELS_KEY]
+    values = [record.to_dict()] * len(block_keys) + [{"num_blocks": num_blocks}]
+    subkeys = [record.peer_id] * len(block_keys) + [model_name]
     store = functools.partial(_store_many, keys=keys, values=values, subkeys=subkeys, expiration=get_dht_time() + ttl)
     stored = dht.run_coroutine(store)
-    return all(stored[key, record.peer_id] for key in keys[:-1])
+    return all(stored[key, record.peer_id] for key in block_keys)
 
 
 async def _store_many(dht: DHT, node: DHTNode, keys: list, values: list, subkeys: list, expiration: float):

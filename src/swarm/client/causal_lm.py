@@ -48,7 +48,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
                 position_ids = torch.arange(session.position, session.position + tokens).unsqueeze(0)
             new_mask = attention_mask[:, -tokens:] if attention_mask is not None else None
             if new_mask is not None and bool(new_mask.all()):
-                new_mask = None  # servers take a missing mask as all ones, and keep none while every one was
+                new_mask = None  # servers read a missing mask as all ones, and skip masking while every mask was
             tensors = {
                 "hidden_states": hidden,
                 "position_ids": position_ids[:, -tokens:],
