@@ -36,13 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from swarm import AutoDistributedModel, transport, wire
 from swarm.launch import LocalSwarm
+from swarm.tiny_diffusion import TINY_UNET, make_stable_diffusion
 
 PROMPT = "the fox and the ox"
+TEXT_TOKENS = 77  # positions of the text encoder, as in Stable Diffusion
 SD15_UNET = dict(
     block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
@@ -56,56 +57,21 @@ class Model:
     height: int
     width: int
     unet: dict  # UNet2DConditionModel config
-    text_hidden: int  # CLIP text encoder width (the UNet's cross-attention width)
     vae_channels: tuple[int, ...]
 
 
 MODELS = {
-    "tiny": Model(
-        "tiny", 72, 40, dict(
-            sample_size=8, block_out_channels=(16, 24, 32), layers_per_block=1, cross_attention_dim=32,
-            attention_head_dim=4, norm_num_groups=8,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        ), 32, (8, 8, 8, 8),
-    ),
+    "tiny": Model("tiny", 72, 40, TINY_UNET, (8, 8, 8, 8)),
     "quarter": Model(
-        "quarter", 512, 512, {**SD15_UNET, "block_out_channels": (80, 160, 320, 320), "norm_num_groups": 16}, 768,
+        "quarter", 512, 512, {**SD15_UNET, "block_out_channels": (80, 160, 320, 320), "norm_num_groups": 16},
         (16, 16, 16, 16),
     ),
 }  # fmt: skip
 
 
-def tokenizer() -> CLIPTokenizer:
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    vocab |= {letter: 2 + i for i, letter in enumerate(letters)}
-    vocab |= {f"{letter}</w>": 28 + i for i, letter in enumerate(letters)}
-    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("o", "x</w>"), ("f", "ox</w>")]
-    for first, second in merges:
-        vocab[first + second] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
 def build_pipeline(model: Model, directory: Path) -> Path:
-    torch.manual_seed(0)
-    tokens = tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokens), hidden_size=model.text_hidden, intermediate_size=2 * model.text_hidden,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))  # fmt: skip
-    vae = AutoencoderKL(
-        block_out_channels=model.vae_channels, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4, layers_per_block=1,
-    )  # fmt: skip
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
-    )
-    StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokens, unet=UNet2DConditionModel(**model.unet),
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(directory)  # fmt: skip
-    return directory
+    text_intermediate = 2 * model.unet["cross_attention_dim"]
+    return make_stable_diffusion(directory, model.unet, text_intermediate, TEXT_TOKENS, model.vae_channels)
 
 
 # Measuring
@@ -242,7 +208,7 @@ def main():
             model = MODELS[name]
             result = measure(model, args.steps, args.repeats, Path(directory))
             latent = (model.height // 8, model.width // 8)
-            analytic = crossing_bytes(model.unet, latent, cut=2, text_tokens=tokenizer().model_max_length)
+            analytic = crossing_bytes(model.unet, latent, cut=2, text_tokens=TEXT_TOKENS)
             print(f"\n{name}: {model.height}x{model.width}, {args.steps} steps, guidance (batch 2), servers 0:2 + 2:end")
             print(f"  seconds per step   local {result['local_step']:.4f}   swarm {result['swarm_step']:.4f}"
                   f"   ratio {result['swarm_step'] / result['local_step']:.2f}   (swarm first step {result['swarm_first_step']:.4f})")  # fmt: skip

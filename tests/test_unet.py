@@ -8,14 +8,8 @@ import signal
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel
 
 from swarm import AutoDistributedModel
 from swarm.checkpoint import CheckpointIndex, DiffusersConfig, load_model_config, model_name_of
@@ -28,6 +22,7 @@ from swarm.launch import LocalSwarm, start_server
 from swarm.models import FAMILIES, family_for
 from swarm.models.base import load_span
 from swarm.spans import BlockSpan
+from swarm.tiny_diffusion import TINY_UNET, make_stable_diffusion
 from swarm.transport import Connection
 from tests.conftest import ATOL
 
@@ -35,51 +30,9 @@ HEIGHT, WIDTH = 72, 40  # 9x5 latents: odd, so up blocks upsample to sizes that 
 PROMPT = "the fox and the ox"
 
 
-def tiny_tokenizer() -> CLIPTokenizer:
-    """A CLIP BPE tokenizer over lowercase letters, with a few merges and 16 positions."""
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    vocab |= {letter: 2 + i for i, letter in enumerate(letters)}
-    vocab |= {f"{letter}</w>": 28 + i for i, letter in enumerate(letters)}
-    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("o", "x</w>"), ("f", "ox</w>")]
-    for first, second in merges:
-        vocab[first + second] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=16)
-
-
-def make_tiny_sd(directory):
-    """A Stable Diffusion pipeline from configs: CLIP text encoder, 4-level VAE (latents 1/8 of the image),
-    3-level UNet with cross-attention in two levels."""
-    torch.manual_seed(0)
-    tokenizer = tiny_tokenizer()
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    )  # fmt: skip
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4, layers_per_block=1,
-    )  # fmt: skip
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(16, 24, 32), layers_per_block=1, cross_attention_dim=32,
-        attention_head_dim=4, norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    )  # fmt: skip
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-        set_alpha_to_one=False, steps_offset=1,
-    )  # fmt: skip
-    StableDiffusionPipeline(
-        vae=vae, text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(directory)  # fmt: skip
-    return directory
-
-
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
-    return make_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+    return make_stable_diffusion(tmp_path_factory.mktemp("models") / "tiny-sd", unet=TINY_UNET)
 
 
 @pytest.fixture(scope="module")
