@@ -13,7 +13,7 @@ Requests are `{"method": ..., ...fields}` plus named tensors (see `swarm.wire`):
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import Executor
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ class RequestHandler:
         model_name: str,
         version: str,
         max_session_length: int,
+        compute: Executor,
     ):
         self.family = family
         self.loaded = loaded
@@ -42,7 +43,7 @@ class RequestHandler:
         self.model_name = model_name
         self.version = version
         self.max_session_length = max_session_length
-        self.compute_lock = threading.Lock()  # one computation at a time: the cores are shared
+        self.compute = compute  # the server's one compute thread (see `Server.compute`)
         self.accepting_sessions = True
 
     def __call__(self, fields: dict[str, Any], tensors: Tensors, context: ConnectionContext) -> Message:
@@ -63,9 +64,7 @@ class RequestHandler:
     def rpc_forward(self, fields, tensors, context) -> Message:
         sub_span = self._sub_span(fields)
         self.family.check_inputs(self.loaded, tensors, None, None, sub_span)
-        with self.compute_lock, torch.inference_mode():
-            outputs = self.family.forward(self.loaded, sub_span, tensors, None)
-        return {}, outputs
+        return {}, self._run(self.family.forward, self.loaded, sub_span, tensors, None)
 
     def rpc_open(self, fields, tensors, context) -> Message:
         if not self.accepting_sessions:
@@ -91,12 +90,17 @@ class RequestHandler:
                 self.family.check_inputs(
                     self.loaded, tensors, session.state, session.max_length, session.span, **phase_argument
                 )
-                with self.compute_lock, torch.inference_mode():
-                    tensors = self.family.forward(self.loaded, session.span, tensors, session.state, **phase_argument)
+                tensors = self._run(
+                    self.family.forward, self.loaded, session.span, tensors, session.state, **phase_argument
+                )
             return {"length": self.family.state_length(session.state)}, tensors
 
     def rpc_close(self, fields, tensors, context) -> Message:
         return {"closed": self.sessions.close(fields.get("session_id"))}, {}
+
+    def _run(self, function, *args, **kwargs):
+        """Runs `function` on the compute thread, in inference mode, and returns what it returns."""
+        return self.compute.submit(_in_inference_mode, function, *args, **kwargs).result()
 
     def _phases(self, fields: dict[str, Any]) -> list[str | None]:
         """The phases a step runs, in order: [None] for a model that makes one pass per step."""
@@ -122,3 +126,8 @@ class RequestHandler:
             f"blocks {sub_span} cross a stage boundary; stages are {', '.join(map(str, stages))}",
         )
         return sub_span
+
+
+def _in_inference_mode(function, *args, **kwargs):
+    with torch.inference_mode():
+        return function(*args, **kwargs)

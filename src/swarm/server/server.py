@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import hivemind
 import psutil
@@ -55,6 +56,11 @@ class Server:
         self.handler: RequestHandler | None = None
         self.span: BlockSpan | None = None
         self.throughput = 0.0
+        # Every computation (loading checks, the speed measurement, requests) runs on this one thread.
+        # OpenMP (libgomp) keeps a pool of worker threads for each thread that starts parallel work; once a
+        # process holds more of them than it has cores, all pools stop spinning between operations, which
+        # made a decode step twice as slow with a second computing thread on 2 cores.
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
 
     def run(self):
         """Serves until `stop_requested` is set, then leaves the swarm cleanly."""
@@ -125,13 +131,16 @@ class Server:
         """Announces `span` as joining, loads it, measures it, and starts serving it."""
         self.span, self.throughput = span, 0.0
         self._announce(ServerState.JOINING)
-        loaded = self._load_blocks(span)
-        self.throughput = 1.0 / (seconds_per_block(self.family, loaded, self.model_name) * len(span))
+        loaded = self.compute.submit(self._load_blocks, span).result()
+        seconds = self.compute.submit(seconds_per_block, self.family, loaded, self.model_name).result()
+        self.throughput = 1.0 / (seconds * len(span))
         sessions = SessionManager(idle_timeout=self.config.session_timeout)
         max_session_length = self.config.max_session_length or getattr(
             self.model_config, "max_position_embeddings", 1 << 16
         )
-        self.handler = RequestHandler(self.family, loaded, sessions, self.model_name, __version__, max_session_length)
+        self.handler = RequestHandler(
+            self.family, loaded, sessions, self.model_name, __version__, max_session_length, self.compute
+        )
         self._announce(ServerState.ONLINE)
 
     def _rebalance(self):
@@ -197,4 +206,5 @@ class Server:
             self.transport.stop()
         if self.dht is not None:
             self.dht.shutdown()
+        self.compute.shutdown(wait=False, cancel_futures=True)
         logger.info(f"Server of {self.model_name} blocks {self.span} stopped")
