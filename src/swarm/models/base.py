@@ -37,6 +37,7 @@ class LoadedSpan:
     dtype: torch.dtype  # dtype of the weights and of every floating-point tensor exchanged
     device: torch.device
     helpers: dict[str, nn.Module] = field(default_factory=dict)  # weightless modules shared by blocks
+    fast_path: bool = False  # blocks run through the family's fast path, found identical when loaded
 
     def blocks_of(self, sub_span: BlockSpan) -> list[nn.Module]:
         return list(self.blocks[sub_span.start - self.span.start : sub_span.end - self.span.start])
@@ -89,6 +90,11 @@ class ModelFamily:
         """Small modules a server needs besides its blocks (rotary embeddings, position biases, ...)."""
         return {}
 
+    def check_fast_path(self, loaded: LoadedSpan) -> bool:
+        """Whether `loaded` may run its blocks through a path faster than calling their modules, which this
+        checks gives the very same outputs. By default there is none."""
+        return False
+
     def new_session_state(self, loaded: LoadedSpan, sub_span: BlockSpan, max_length: int) -> Any:
         """Creates what a session on `sub_span` keeps between steps."""
         raise NotImplementedError
@@ -136,7 +142,9 @@ def load_span(
         if progress is not None:
             progress.update(1)
     helpers = family.build_helpers(config, device, checkpoint, span)
-    return LoadedSpan(config, span, nn.ModuleList(blocks), dtype, torch.device(device), helpers)
+    loaded = LoadedSpan(config, span, nn.ModuleList(blocks), dtype, torch.device(device), helpers)
+    loaded.fast_path = family.check_fast_path(loaded)
+    return loaded
 
 
 def require(condition: bool, message: str):

@@ -12,7 +12,9 @@ and the attention mask of every position so far, so steps send only new tokens.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
@@ -30,6 +32,8 @@ from swarm.models.base import (
     require,
 )
 from swarm.spans import BlockSpan
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,6 +63,9 @@ class DecoderOnlyFamily(ModelFamily):
     embeddings_module = "model.embed_tokens"  # client-side modules, by their checkpoint prefix
     final_norm_module = "model.norm"
     head_module = "lm_head"
+    # fast_layer_forward(layer, hidden_states, attention_mask, position_embeddings, position_ids, cache) -> hidden
+    # states: what `layer(...)` returns, computed with less overhead; None to call the layers themselves
+    fast_layer_forward: Callable | None = None
 
     def num_blocks(self, config) -> int:
         return config.num_hidden_layers
@@ -123,6 +130,9 @@ class DecoderOnlyFamily(ModelFamily):
         causal_mask = self.make_causal_mask(loaded, hidden, mask, cache, positions, first_layer)
         position_embeddings = loaded.helpers["rotary"](hidden, position_ids=positions)
         for block in loaded.blocks_of(sub_span):
+            if loaded.fast_path:
+                hidden = self.fast_layer_forward(block, hidden, causal_mask, position_embeddings, positions, cache)
+                continue
             hidden = block(
                 hidden_states=hidden,
                 attention_mask=causal_mask,
@@ -134,6 +144,42 @@ class DecoderOnlyFamily(ModelFamily):
         if state is not None:
             state.attention_mask, state.length, state.batch_size = mask, past + tokens, batch
         return {"hidden_states": hidden}
+
+    def check_fast_path(self, loaded: LoadedSpan) -> bool:
+        """Runs the first block both ways (prefills with and without padding, a step, a forward without a
+        session) and keeps the fast path only if every output is bitwise the same."""
+        if self.fast_layer_forward is None:
+            return False
+        try:
+            same = all(map(torch.equal, self._probe(loaded, fast=False), self._probe(loaded, fast=True)))
+            reason = "its outputs differ"
+        except Exception as error:
+            same, reason = False, repr(error)
+        finally:
+            loaded.fast_path = False
+        if not same:
+            logger.warning(
+                f"Not using the fast path of {type(self).__name__} on blocks {loaded.span}: {reason}; "
+                "using the layers as they are"
+            )
+        return same
+
+    def _probe(self, loaded: LoadedSpan, fast: bool) -> list[torch.Tensor]:
+        loaded.fast_path = fast
+        first = BlockSpan(loaded.span.start, loaded.span.start + 1)
+        generator = torch.Generator().manual_seed(0)
+        prefill, step = (
+            torch.randn(2, tokens, loaded.config.hidden_size, generator=generator).to(loaded.device, loaded.dtype)
+            for tokens in (5, 1)
+        )
+        outputs = []
+        with torch.inference_mode():
+            for mask in (None, torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])):
+                state = self.new_session_state(loaded, first, max_length=6)
+                outputs.append(self.forward(loaded, first, {"hidden_states": prefill, "attention_mask": mask}, state))
+                outputs.append(self.forward(loaded, first, {"hidden_states": step}, state))
+            outputs.append(self.forward(loaded, first, {"hidden_states": prefill}, None))
+        return [output["hidden_states"] for output in outputs]
 
     def make_causal_mask(self, loaded: LoadedSpan, hidden, mask, cache, positions, first_layer: int):
         mask = mask.to(hidden.device) if mask is not None else None
