@@ -55,10 +55,12 @@ from swarm.server import handlers
 from swarm.server.__main__ import main
 
 local, steps = threading.local(), []
+computing = {"forward": 0.0}  # forward runs on the server's compute thread, one request at a time
 
 def receive_message(sock, _receive=transport.receive_message):
     fields, tensors = _receive(sock)
-    local.received, local.method, local.forward = time.perf_counter(), fields.get("method"), 0.0
+    local.received, local.method = time.perf_counter(), fields.get("method")
+    computing["forward"] = 0.0
     return fields, tensors
 
 def forward(self, *args, _forward=DecoderOnlyFamily.forward):
@@ -66,7 +68,7 @@ def forward(self, *args, _forward=DecoderOnlyFamily.forward):
     try:
         return _forward(self, *args)
     finally:
-        local.forward += time.perf_counter() - started
+        computing["forward"] += time.perf_counter() - started
 
 def call(self, fields, tensors, context, _call=handlers.RequestHandler.__call__):
     started = time.perf_counter()
@@ -80,7 +82,7 @@ def try_send(*args, _send=transport._try_send):
     result = _send(*args)
     if getattr(local, "method", None) == "step":
         steps.append({"service": time.perf_counter() - local.received, "handler": local.handler,
-                      "forward": local.forward, "send": time.perf_counter() - started})
+                      "forward": computing["forward"], "send": time.perf_counter() - started})
     return result
 
 def rpc_timings(self, fields, tensors, context):
