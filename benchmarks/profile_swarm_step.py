@@ -5,12 +5,13 @@
 Starts the same swarm as `bench_generate.py` (one server per span on 127.0.0.1), except that each
 server runs `swarm.server`'s `main()` through a wrapper (the `TIMED_SERVER` code below; `swarm`
 itself is unchanged) that times, inside the server process, each step request from the moment its
-frame has been read to the moment its reply has been sent, the request handler, and the family's
-`forward` within it. The client times each hop's round trip and its own `lm_head`; the local
-Hugging Face model times its `LlamaModel` body (embeddings, 30 layers, norm) and `lm_head`. Prints,
-for decode steps and for the first token, the median and (in brackets) the 10th percentile over
-`--repeats` greedy generations after one warm-up; on a busy machine the 10th percentile is the
-better guess at the cost when no other process got in the way.
+frame has been read to the moment its reply has been sent, the part before the reply is encoded
+(checks, the hand-over to the compute thread, the family's `forward`), and `forward` within it. The
+client times each hop's round trip and its own `lm_head`; the local Hugging Face model times its
+`LlamaModel` body (embeddings, 30 layers, norm) and `lm_head`. Prints, for decode steps and for the
+first token, the median and (in brackets) the 10th percentile over `--repeats` greedy generations
+after one warm-up; on a busy machine the 10th percentile is the better guess at the cost when no
+other process got in the way.
 
 `--server-env` sets variables for the servers only; variables set before the command reach this
 process (the local model and the client) too, e.g. `GOMP_SPINCOUNT=10000 python benchmarks/...`.
@@ -48,19 +49,18 @@ from swarm.transport import Connection
 # Runs `swarm.server`'s main() with timers around the transport's receive and send, the request handler
 # and the family's forward; a `timings` request returns (and clears) what they measured for step requests.
 TIMED_SERVER = r"""
-import sys, threading, time
+import sys, time
 from swarm import transport
 from swarm.models.decoder import DecoderOnlyFamily
 from swarm.server import handlers
 from swarm.server.__main__ import main
 
-local, steps = threading.local(), []
-computing = {"forward": 0.0}  # forward runs on the server's compute thread, one request at a time
+steps = []
+request = {"forward": 0.0}  # the request being served: the profile sends one at a time to each server
 
 def receive_message(sock, _receive=transport.receive_message):
     fields, tensors = _receive(sock)
-    local.received, local.method = time.perf_counter(), fields.get("method")
-    computing["forward"] = 0.0
+    request.update(received=time.perf_counter(), method=fields.get("method"), forward=0.0)
     return fields, tensors
 
 def forward(self, *args, _forward=DecoderOnlyFamily.forward):
@@ -68,21 +68,14 @@ def forward(self, *args, _forward=DecoderOnlyFamily.forward):
     try:
         return _forward(self, *args)
     finally:
-        computing["forward"] += time.perf_counter() - started
-
-def call(self, fields, tensors, context, _call=handlers.RequestHandler.__call__):
-    started = time.perf_counter()
-    try:
-        return _call(self, fields, tensors, context)
-    finally:
-        local.handler = time.perf_counter() - started
+        request["forward"] += time.perf_counter() - started
 
 def try_send(*args, _send=transport._try_send):
     started = time.perf_counter()
     result = _send(*args)
-    if getattr(local, "method", None) == "step":
-        steps.append({"service": time.perf_counter() - local.received, "handler": local.handler,
-                      "forward": computing["forward"], "send": time.perf_counter() - started})
+    if request.get("method") == "step":
+        steps.append({"service": time.perf_counter() - request["received"], "handler": started - request["received"],
+                      "forward": request["forward"], "send": time.perf_counter() - started})
     return result
 
 def rpc_timings(self, fields, tensors, context):
@@ -91,7 +84,7 @@ def rpc_timings(self, fields, tensors, context):
     return {"steps": reply}, {}
 
 transport.receive_message, transport._try_send = receive_message, try_send
-DecoderOnlyFamily.forward, handlers.RequestHandler.__call__ = forward, call
+DecoderOnlyFamily.forward = forward
 handlers.RequestHandler.rpc_timings = rpc_timings
 sys.exit(main(sys.argv[1:]))
 """
@@ -261,7 +254,7 @@ def decode_report(local: dict, swarm: dict, round_trips: dict, servers: dict, sp
         ["hop round trip seen by the client", "", "", *(ms(round_trips[span]) for span in spans)],
         per_hop("server: frame read -> reply sent (*)", lambda step: step["service"]),
         per_hop("  family.forward (the blocks)", lambda step: step["forward"]),
-        per_hop("  rest of the handler (checks, session)", lambda step: step["handler"] - step["forward"]),
+        per_hop("  rest before the reply (checks, thread hand-over)", lambda step: step["handler"] - step["forward"]),
         per_hop("  encoding + sending the reply", lambda step: step["send"]),
         ["round trip - family.forward (wire, codec, wake-ups)", "", "",
          *(difference_ms(round_trips[span], [step["forward"] for step in servers[span]]) for span in spans)],

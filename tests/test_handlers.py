@@ -1,4 +1,5 @@
-"""The request handler runs every computation on the server's one compute thread, whichever connection asks."""
+"""The request handler runs every computation on the server's one compute thread, whichever connection asks,
+and sends its reply from there."""
 
 from __future__ import annotations
 
@@ -15,6 +16,16 @@ from swarm.server.handlers import RequestHandler
 from swarm.server.sessions import SessionManager
 from swarm.spans import BlockSpan
 from swarm.transport import ConnectionContext
+
+
+class RecordingContext(ConnectionContext):
+    def __init__(self):
+        super().__init__("test")
+        self.replies = []
+
+    def reply(self, fields, tensors=None):
+        self.replies.append((threading.current_thread().name, fields))
+        return True
 
 
 class RecordingLlama(LlamaFamily):
@@ -47,12 +58,11 @@ def test_requests_from_several_connections_compute_on_one_thread(tiny_llama):
                 errors.append(error)
 
         def run_requests():
-            context = ConnectionContext("test")
-            handler({"method": "forward", "start": 0, "end": 3}, {"hidden_states": hidden}, context)
+            context = RecordingContext()
+            assert handler({"method": "forward", "start": 0, "end": 3}, {"hidden_states": hidden}, context) is None
             session = handler({"method": "open", "start": 0, "end": 3, "max_length": 8}, {}, context)[0]
-            fields = {"method": "step", **session}
-            reply, _ = handler(fields, {"hidden_states": hidden}, context)
-            assert reply["length"] == 4
+            assert handler({"method": "step", **session}, {"hidden_states": hidden}, context) is None
+            assert context.replies == [("compute_0", {}), ("compute_0", {"length": 4})]
 
         clients = [threading.Thread(target=client) for _ in range(3)]
         for thread in clients:

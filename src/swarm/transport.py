@@ -27,7 +27,7 @@ from swarm.errors import (
 logger = logging.getLogger(__name__)
 
 Message = tuple[dict[str, Any], dict[str, torch.Tensor]]
-Handler = Callable[[dict[str, Any], dict[str, torch.Tensor], "ConnectionContext"], Message]
+Handler = Callable[[dict[str, Any], dict[str, torch.Tensor], "ConnectionContext"], Message | None]
 
 
 PREALLOCATE_LIMIT = 64 << 20  # larger messages are received in chunks, so a peer that only claims a huge
@@ -66,13 +66,20 @@ def send_message(sock: socket.socket, fields: dict[str, Any], tensors: dict[str,
 class ConnectionContext:
     """What a handler knows about the connection a request came on; resources tied to it close with it."""
 
-    def __init__(self, peer: str):
+    def __init__(self, peer: str, sock: socket.socket | None = None):
         self.peer = peer
+        self.sock = sock
         self.on_close: list[Callable[[], None]] = []
+
+    def reply(self, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> bool:
+        """Sends the reply to the request being handled, from any thread; False if the connection is gone.
+        A handler that replies this way returns None, and must not return before the reply is sent."""
+        return self.sock is not None and _try_send(self.sock, fields, tensors)
 
 
 class TensorServer:
-    """Accepts connections on (host, port) and answers each request with `handler(fields, tensors, context)`.
+    """Accepts connections on (host, port) and answers each request with `handler(fields, tensors, context)`
+    (or lets the handler send its reply with `context.reply` and return None).
 
     A handler raises `BadRequestError` for bad input: the client gets the message, the connection stays.
     A frame that breaks the wire format gets an error reply, then the connection is closed.
@@ -109,7 +116,7 @@ class TensorServer:
             thread.start()
 
     def _serve_connection(self, sock: socket.socket, address):
-        context = ConnectionContext(peer=f"{address[0]}:{address[1]}")
+        context = ConnectionContext(peer=f"{address[0]}:{address[1]}", sock=sock)
         try:
             with sock:
                 while not self._stopping.is_set():
@@ -130,7 +137,7 @@ class TensorServer:
             _try_send(sock, {"error": {"kind": "ProtocolError", "message": str(error)}})
             return False
         try:
-            reply_fields, reply_tensors = self.handler(fields, tensors, context)
+            reply = self.handler(fields, tensors, context)
         except (BadRequestError, ProtocolError) as error:
             logger.info(f"Rejected a request from {context.peer}: {error}")
             return _try_send(sock, {"error": {"kind": "BadRequest", "message": str(error)}})
@@ -139,7 +146,7 @@ class TensorServer:
         except Exception as error:
             logger.exception(f"Failed to serve a request from {context.peer}")
             return _try_send(sock, {"error": {"kind": type(error).__name__, "message": str(error)}})
-        return _try_send(sock, reply_fields, reply_tensors)
+        return True if reply is None else _try_send(sock, *reply)
 
 
 def _try_send(sock: socket.socket, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> bool:

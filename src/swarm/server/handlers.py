@@ -61,10 +61,10 @@ class RequestHandler:
     def rpc_echo(self, fields, tensors, context) -> Message:
         return {}, tensors
 
-    def rpc_forward(self, fields, tensors, context) -> Message:
+    def rpc_forward(self, fields, tensors, context) -> None:
         sub_span = self._sub_span(fields)
         self.family.check_inputs(self.loaded, tensors, None, None, sub_span)
-        return {}, self._run(self.family.forward, self.loaded, sub_span, tensors, None)
+        self._compute_and_reply(context, self._forward, sub_span, tensors)
 
     def rpc_open(self, fields, tensors, context) -> Message:
         if not self.accepting_sessions:
@@ -81,26 +81,32 @@ class RequestHandler:
         context.on_close.append(lambda: self.sessions.close(session.id))
         return {"session_id": session.id}, {}
 
-    def rpc_step(self, fields, tensors, context) -> Message:
+    def rpc_step(self, fields, tensors, context) -> None:
         session = self.sessions.get(fields.get("session_id"))
         phases = self._phases(fields)
         with session.lock:
-            for phase in phases:
-                phase_argument = {} if phase is None else {"phase": phase}
-                self.family.check_inputs(
-                    self.loaded, tensors, session.state, session.max_length, session.span, **phase_argument
-                )
-                tensors = self._run(
-                    self.family.forward, self.loaded, session.span, tensors, session.state, **phase_argument
-                )
-            return {"length": self.family.state_length(session.state)}, tensors
+            self._compute_and_reply(context, self._step, session, phases, tensors)
 
     def rpc_close(self, fields, tensors, context) -> Message:
         return {"closed": self.sessions.close(fields.get("session_id"))}, {}
 
-    def _run(self, function, *args, **kwargs):
-        """Runs `function` on the compute thread, in inference mode, and returns what it returns."""
-        return self.compute.submit(_in_inference_mode, function, *args, **kwargs).result()
+    def _forward(self, sub_span: BlockSpan, tensors: Tensors) -> Message:
+        return {}, self.family.forward(self.loaded, sub_span, tensors, None)
+
+    def _step(self, session, phases: list[str | None], tensors: Tensors) -> Message:
+        for phase in phases:
+            phase_argument = {} if phase is None else {"phase": phase}
+            self.family.check_inputs(
+                self.loaded, tensors, session.state, session.max_length, session.span, **phase_argument
+            )
+            tensors = self.family.forward(self.loaded, session.span, tensors, session.state, **phase_argument)
+        return {"length": self.family.state_length(session.state)}, tensors
+
+    def _compute_and_reply(self, context: ConnectionContext, compute, *args):
+        """Runs `compute(*args)` on the compute thread, in inference mode, and sends the reply it makes from
+        there, one thread switch sooner than this connection's thread could; returns once it is sent. An
+        error reaches the caller unsent, for the transport to answer with."""
+        self.compute.submit(_compute_and_reply, context, compute, *args).result()
 
     def _phases(self, fields: dict[str, Any]) -> list[str | None]:
         """The phases a step runs, in order: [None] for a model that makes one pass per step."""
@@ -128,6 +134,7 @@ class RequestHandler:
         return sub_span
 
 
-def _in_inference_mode(function, *args, **kwargs):
+def _compute_and_reply(context: ConnectionContext, compute, *args):
     with torch.inference_mode():
-        return function(*args, **kwargs)
+        reply = compute(*args)
+    context.reply(*reply)
