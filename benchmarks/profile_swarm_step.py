@@ -70,20 +70,19 @@ def forward(self, *args, _forward=DecoderOnlyFamily.forward):
     finally:
         request["forward"] += time.perf_counter() - started
 
-def try_send(*args, _send=transport._try_send):
+def reply(self, fields, tensors=None, _reply=transport.ConnectionContext.reply):
     started = time.perf_counter()
-    result = _send(*args)
+    _reply(self, fields, tensors)
     if request.get("method") == "step":
         steps.append({"service": time.perf_counter() - request["received"], "handler": started - request["received"],
                       "forward": request["forward"], "send": time.perf_counter() - started})
-    return result
 
 def rpc_timings(self, fields, tensors, context):
     reply = list(steps)
     steps.clear()
     return {"steps": reply}, {}
 
-transport.receive_message, transport._try_send = receive_message, try_send
+transport.receive_message, transport.ConnectionContext.reply = receive_message, reply
 DecoderOnlyFamily.forward = forward
 handlers.RequestHandler.rpc_timings = rpc_timings
 sys.exit(main(sys.argv[1:]))

@@ -13,7 +13,7 @@ import hivemind
 import pytest
 import torch
 
-from swarm import AutoDistributedModel
+from swarm import AutoDistributedModel, wire
 from swarm.errors import BadRequestError, PeerError
 from swarm.launch import LocalSwarm, PeerProcess
 from swarm.records import ServerState, fetch_records
@@ -157,6 +157,23 @@ def test_malformed_messages_do_not_disturb_other_clients(llama_swarm_3, first_se
     input_ids = torch.tensor([[9, 10, 11]])
     assert torch.equal(model.generate(input_ids, max_new_tokens=3), local_tiny_llama.generate(input_ids, max_new_tokens=3))
     model.remote.shutdown()
+
+
+def test_a_client_that_stops_reading_does_not_hold_up_the_others(llama_swarm_3, first_server):
+    """The compute thread sends replies; a reply the client does not read must not block it."""
+    host, port = llama_swarm_3.servers[0].address.split(":")
+    hidden = torch.zeros(6000, 16, 60)  # a 23 MB reply: more than the socket buffers hold
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        request = wire.encode({"method": "forward", "start": 0, "end": 1}, {"hidden_states": hidden})
+        sock.sendall(b"".join(bytes(part) for part in request))
+        session_id = open_session(first_server)
+        started = time.monotonic()
+        reply, outputs = step(first_server, session_id, torch.ones(1, 3, 60))
+        assert reply["length"] == 3 and time.monotonic() - started < 10
+        forward = {"method": "forward", "start": 0, "end": 1}
+        _, outputs = first_server.request(forward, {"hidden_states": torch.ones(1, 2, 60)})
+        assert outputs["hidden_states"].shape == (1, 2, 60)
 
 
 def test_connection_to_a_dead_address_is_a_peer_error():

@@ -70,11 +70,24 @@ class ConnectionContext:
         self.peer = peer
         self.sock = sock
         self.on_close: list[Callable[[], None]] = []
+        self.unsent = b""  # what `reply` could not send at once, for the connection's own thread to send
 
-    def reply(self, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> bool:
-        """Sends the reply to the request being handled, from any thread; False if the connection is gone.
-        A handler that replies this way returns None, and must not return before the reply is sent."""
-        return self.sock is not None and _try_send(self.sock, fields, tensors)
+    def reply(self, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None):
+        """Sends the reply to the request being handled, from any thread, without ever waiting for the peer:
+        what the socket does not take at once is left in `unsent`. A handler that replies this way returns
+        None once this has returned. (The server's compute thread replies so; a client that stops reading
+        must not hold it up.)"""
+        if self.sock is None:
+            return
+        buffers = wire.encode(fields, tensors)
+        try:
+            sent = self.sock.sendmsg(buffers, [], socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return  # the connection is gone: its thread finds out at its next read
+        if sent < sum(len(buffer) for buffer in buffers):
+            self.unsent = b"".join(bytes(buffer) for buffer in buffers)[sent:]
 
 
 class TensorServer:
@@ -146,7 +159,14 @@ class TensorServer:
         except Exception as error:
             logger.exception(f"Failed to serve a request from {context.peer}")
             return _try_send(sock, {"error": {"kind": type(error).__name__, "message": str(error)}})
-        return True if reply is None else _try_send(sock, *reply)
+        if reply is not None:
+            return _try_send(sock, *reply)
+        unsent, context.unsent = context.unsent, b""
+        try:
+            sock.sendall(unsent)
+            return True
+        except OSError:
+            return False
 
 
 def _try_send(sock: socket.socket, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> bool:
