@@ -162,6 +162,8 @@ class TensorServer:
         if reply is not None:
             return _try_send(sock, *reply)
         unsent, context.unsent = context.unsent, b""
+        if not unsent:
+            return True
         try:
             sock.sendall(unsent)
             return True
