@@ -56,11 +56,23 @@ def receive_message(sock: socket.socket) -> Message:
 
 
 def send_message(sock: socket.socket, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None):
+    rest = send_what_fits(sock, fields, tensors)
+    if rest:
+        sock.sendall(rest)
+
+
+def send_what_fits(
+    sock: socket.socket, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, flags: int = 0
+) -> bytes:
+    """Sends a message with one `sendmsg` (tensor bytes are not copied); returns the bytes it did not take."""
     buffers = wire.encode(fields, tensors)
-    total = sum(len(buffer) for buffer in buffers)
-    sent = sock.sendmsg(buffers)
-    if sent < total:
-        sock.sendall(b"".join(bytes(buffer) for buffer in buffers)[sent:])
+    try:
+        sent = sock.sendmsg(buffers, [], flags)
+    except BlockingIOError:
+        sent = 0
+    if sent == sum(len(buffer) for buffer in buffers):
+        return b""
+    return b"".join(bytes(buffer) for buffer in buffers)[sent:]
 
 
 class ConnectionContext:
@@ -79,15 +91,10 @@ class ConnectionContext:
         must not hold it up.)"""
         if self.sock is None:
             return
-        buffers = wire.encode(fields, tensors)
         try:
-            sent = self.sock.sendmsg(buffers, [], socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            sent = 0
+            self.unsent = send_what_fits(self.sock, fields, tensors, socket.MSG_DONTWAIT)
         except OSError:
-            return  # the connection is gone: its thread finds out at its next read
-        if sent < sum(len(buffer) for buffer in buffers):
-            self.unsent = b"".join(bytes(buffer) for buffer in buffers)[sent:]
+            pass  # the connection is gone: its thread finds out at its next read
 
 
 class TensorServer:

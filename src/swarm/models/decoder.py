@@ -13,8 +13,8 @@ and the attention mask of every position so far, so steps send only new tokens.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache

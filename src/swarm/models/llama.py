@@ -14,8 +14,8 @@ are bitwise the same, which every server checks when it loads its blocks
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
