@@ -1,5 +1,4 @@
-"""The request handler runs every computation on the server's one compute thread, whichever connection asks,
-and sends its reply from there."""
+"""The request handler runs every computation on the server's one compute thread, whichever connection asks."""
 
 from __future__ import annotations
 
@@ -15,17 +14,7 @@ from swarm.models.llama import LlamaFamily
 from swarm.server.handlers import RequestHandler
 from swarm.server.sessions import SessionManager
 from swarm.spans import BlockSpan
-from swarm.transport import ConnectionContext
-
-
-class RecordingContext(ConnectionContext):
-    def __init__(self):
-        super().__init__("test")
-        self.replies = []
-
-    def reply(self, fields, tensors=None):
-        self.replies.append((threading.current_thread().name, fields))
-        return True
+from swarm.transport import Connection, TensorServer
 
 
 class RecordingLlama(LlamaFamily):
@@ -43,26 +32,31 @@ def test_requests_from_several_connections_compute_on_one_thread(tiny_llama):
     config = family.prepare_config(config)
     span = BlockSpan(0, 3)
     compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+    server = None
     try:
         checkpoint = CheckpointIndex(weights)
         loaded = compute.submit(load_span, family, config, checkpoint, span, torch.float32, "cpu").result()
-        handler = RequestHandler(family, loaded, SessionManager(60), "tiny", "0", 64, compute)
         family.threads.clear()
+        handler = RequestHandler(family, loaded, SessionManager(60), "tiny", "0", 64, compute)
+        server = TensorServer("127.0.0.1", 0, handler).start()
         hidden = torch.randn(1, 4, config.hidden_size)
+        expected = torch.inference_mode()(family.forward)(loaded, span, {"hidden_states": hidden}, None)
+        family.threads.clear()
         errors = []
 
         def client():
             try:
-                run_requests()
+                with_requests(Connection(f"127.0.0.1:{server.port}", timeout=30))
             except Exception as error:
                 errors.append(error)
 
-        def run_requests():
-            context = RecordingContext()
-            assert handler({"method": "forward", "start": 0, "end": 3}, {"hidden_states": hidden}, context) is None
-            session = handler({"method": "open", "start": 0, "end": 3, "max_length": 8}, {}, context)[0]
-            assert handler({"method": "step", **session}, {"hidden_states": hidden}, context) is None
-            assert context.replies == [("compute_0", {}), ("compute_0", {"length": 4})]
+        def with_requests(connection):
+            _, outputs = connection.request({"method": "forward", "start": 0, "end": 3}, {"hidden_states": hidden})
+            assert torch.equal(outputs["hidden_states"], expected["hidden_states"])
+            session, _ = connection.request({"method": "open", "start": 0, "end": 3, "max_length": 8})
+            reply, outputs = connection.request({"method": "step", **session}, {"hidden_states": hidden})
+            assert reply["length"] == 4 and torch.equal(outputs["hidden_states"], expected["hidden_states"])
+            connection.close()
 
         clients = [threading.Thread(target=client) for _ in range(3)]
         for thread in clients:
@@ -70,6 +64,8 @@ def test_requests_from_several_connections_compute_on_one_thread(tiny_llama):
         for thread in clients:
             thread.join(timeout=60)
     finally:
+        if server is not None:
+            server.stop()
         compute.shutdown()
     assert not errors
     assert len(family.threads) == 6
