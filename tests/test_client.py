@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import hivemind
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from swarm import AutoDistributedModel
+from swarm.client.config import ClientConfig
 from swarm.errors import ConfigurationError, MissingBlocksError
 from swarm.launch import start_server
 
@@ -64,3 +66,17 @@ def test_client_loads_only_its_own_tensors(tiny_llama, llama_swarm_3):
         assert names == {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     finally:
         model.remote.shutdown()
+
+
+def test_a_client_config_serves_a_second_model_unchanged(tiny_llama, llama_swarm_3, tmp_path):
+    config = ClientConfig(initial_peers=llama_swarm_3.initial_peers)
+    model = AutoDistributedModel.from_pretrained(tiny_llama, client_config=config, coverage_timeout=30)
+    try:
+        assert model.remote.config.model_name == "tiny-llama"
+        assert model.remote.config.coverage_timeout == 30
+    finally:
+        model.remote.shutdown()
+    assert config == ClientConfig(initial_peers=llama_swarm_3.initial_peers)
+    second = shutil.copytree(tiny_llama, tmp_path / "second-llama")
+    with pytest.raises(MissingBlocksError, match="of model 'second-llama'"):
+        AutoDistributedModel.from_pretrained(second, client_config=config, coverage_timeout=1)

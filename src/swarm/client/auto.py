@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -38,13 +39,14 @@ class AutoDistributedModel:
         config, _ = load_model_config(path, FAMILIES)
         family = family_for(config)
         config = family.prepare_config(config)
-        client_config = client_config or ClientConfig()
-        client_config.initial_peers = list(initial_peers or client_config.initial_peers)
-        client_config.model_name = model_name or client_config.model_name or model_name_of(name_or_path)
-        if coverage_timeout is not None:
-            client_config.coverage_timeout = coverage_timeout
-        if step_timeout is not None:
-            client_config.step_timeout = step_timeout
+        given = client_config or ClientConfig()
+        overrides = {"coverage_timeout": coverage_timeout, "step_timeout": step_timeout}
+        client_config = dataclasses.replace(  # a copy: the caller's config stays as it was, ready for another model
+            given,
+            initial_peers=list(initial_peers or given.initial_peers),
+            model_name=model_name or given.model_name or model_name_of(name_or_path),
+            **{name: value for name, value in overrides.items() if value is not None},
+        )
         if not client_config.initial_peers:
             raise ConfigurationError("pass initial_peers: the multiaddrs of any peer of the swarm")
         remote = RemoteBlocks(
