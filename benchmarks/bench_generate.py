@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 
-# Client and servers share this machine's cores: set before torch loads (see swarm.launch.QUIET_OPENMP).
+# Client and servers share this machine's cores: set before torch loads (see swarm.launch.LOCAL_PEER_ENV).
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import argparse
@@ -143,13 +143,15 @@ def missing_block_bytes(checkpoint: Path, spans: list[str], num_blocks: int) -> 
     """For each span, the checkpoint bytes (in the file's dtype) of the blocks outside it."""
     config = AutoConfig.from_pretrained(checkpoint)
     family = family_for(config)
+    config = family.prepare_config(config)
     index = CheckpointIndex(checkpoint)
     sizes = {name: size for file in set(index.file_of.values()) for name, size in safetensors_sizes(file).items()}
     missing = {}
     for span in spans:
         start, end = map(int, span.split(":"))
-        prefixes = tuple(family.block_prefix(config, block) for block in range(num_blocks) if not start <= block < end)
-        missing[span] = sum(size for name, size in sizes.items() if name.startswith(prefixes))
+        outside = [block for block in range(num_blocks) if not start <= block < end]
+        names = {name for block in outside for name in family.block_tensor_names(config, block, sizes)}
+        missing[span] = sum(sizes[name] for name in names)
     return missing
 
 

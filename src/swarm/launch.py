@@ -21,9 +21,15 @@ from collections import deque
 from pathlib import Path
 
 MADDR_PATTERN = re.compile(r"/ip4/\S+/tcp/\d+/p2p/\w+")
-# Peers that share this machine's cores take turns computing; OpenMP workers that spin 300,000 times
-# after their work (GNU OpenMP's default) steal the core from the next peer (measured: +15 ms per token).
-QUIET_OPENMP = {"GOMP_SPINCOUNT": "10000"}
+# Environment of the peers started here (the caller's environment overrides it):
+LOCAL_PEER_ENV = {
+    # Peers that share this machine's cores take turns computing; OpenMP workers that spin 300,000 times
+    # after their work (GNU OpenMP's default) steal the core from the next peer (measured: +15 ms per token).
+    "GOMP_SPINCOUNT": "10000",
+    # hivemind's default ("file_system") starts torch_shm_manager, which outlives its peer by 2 s holding the
+    # peer's output open; the DHT shares no tensors here, so file descriptors serve as well.
+    "HIVEMIND_MEMORY_SHARING_STRATEGY": "file_descriptor",
+}
 
 
 class PeerProcess:
@@ -42,7 +48,7 @@ class PeerProcess:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             text=True,
-            env={**QUIET_OPENMP, **os.environ, **(env or {})},
+            env={**LOCAL_PEER_ENV, **os.environ, **(env or {})},
             start_new_session=True,
         )
         self._reader = threading.Thread(target=self._read_output, daemon=True)
@@ -145,7 +151,8 @@ def start_server(
 
 
 class LocalSwarm:
-    """A bootstrap peer plus one server per span, all on 127.0.0.1; stops them all on exit."""
+    """A bootstrap peer (unless it joins `initial_peers`) plus one server per span, all on 127.0.0.1; stops them
+    all on exit."""
 
     def __init__(
         self,
@@ -154,6 +161,7 @@ class LocalSwarm:
         server_args: tuple[str, ...] = (),
         log_dir: str | Path | None = None,
         ready_timeout: float = 180.0,
+        initial_peers: list[str] | None = None,
     ):
         self.model = model
         self.ready_timeout = ready_timeout
@@ -162,11 +170,12 @@ class LocalSwarm:
         self.log_dir = Path(log_dir) if log_dir else None
         self.bootstrap: PeerProcess | None = None
         self.servers: list[PeerProcess] = []
-        self.initial_peers: list[str] = []
+        self.initial_peers: list[str] = list(initial_peers or [])  # given: join that DHT, start no bootstrap peer
 
     def __enter__(self) -> "LocalSwarm":
         try:
-            self.bootstrap, self.initial_peers = start_bootstrap(log_path=self._log_path("bootstrap"))
+            if not self.initial_peers:
+                self.bootstrap, self.initial_peers = start_bootstrap(log_path=self._log_path("bootstrap"))
             launched = [self.launch_server(span) for span in self.spans]
             for server in launched:
                 server.wait_ready(self.ready_timeout)
@@ -195,11 +204,12 @@ class LocalSwarm:
         return self.log_dir / f"{name}.log"
 
     def stop(self):
-        peers = [peer for peer in [*self.servers, self.bootstrap] if peer is not None]
-        for peer in peers:
-            peer.signal(signal.SIGTERM)
-        for peer in peers:
-            peer.stop()
+        """Stops the servers (all at once), then the bootstrap peer, which their last announcements go through."""
+        for server in self.servers:
+            server.signal(signal.SIGTERM)
+        for peer in [*self.servers, self.bootstrap]:
+            if peer is not None:
+                peer.stop()
 
     def __exit__(self, *exc_info):
         self.stop()
