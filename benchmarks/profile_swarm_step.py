@@ -51,7 +51,7 @@ from swarm.transport import Connection
 TIMED_SERVER = r"""
 import sys, time
 from swarm import transport
-from swarm.models.decoder import DecoderOnlyFamily
+from swarm.models.decoder import DecoderFamily
 from swarm.server import handlers
 from swarm.server.__main__ import main
 
@@ -63,7 +63,7 @@ def receive_message(sock, _receive=transport.receive_message):
     request.update(received=time.perf_counter(), method=fields.get("method"), forward=0.0)
     return fields, tensors
 
-def forward(self, *args, _forward=DecoderOnlyFamily.forward):
+def forward(self, *args, _forward=DecoderFamily.forward):
     started = time.perf_counter()
     try:
         return _forward(self, *args)
@@ -83,7 +83,7 @@ def rpc_timings(self, fields, tensors, context):
     return {"steps": reply}, {}
 
 transport.receive_message, transport.ConnectionContext.reply = receive_message, reply
-DecoderOnlyFamily.forward = forward
+DecoderFamily.forward = forward
 handlers.RequestHandler.rpc_timings = rpc_timings
 sys.exit(main(sys.argv[1:]))
 """

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from swarm.launch import LocalSwarm
+from swarm.launch import LocalSwarm, start_bootstrap
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -67,6 +67,14 @@ def llama_swarm_3(tiny_llama, tmp_path_factory):
     """Three servers with uneven spans."""
     with LocalSwarm(tiny_llama, ["0:1", "1:4", "4:5"], log_dir=tmp_path_factory.mktemp("logs")) as swarm:
         yield swarm
+
+
+@pytest.fixture(scope="session")
+def bootstrap_peers(tmp_path_factory):
+    """One bootstrap DHT peer that swarms of different models share (each joins it instead of starting its own)."""
+    peer, initial_peers = start_bootstrap(log_path=tmp_path_factory.mktemp("logs") / "shared-bootstrap.log")
+    yield initial_peers
+    peer.stop()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from swarm.checkpoint import CheckpointIndex, load_model_config
-from swarm.models import FAMILIES, family_for
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from swarm.models import CAUSAL_LM, FAMILIES, family_for
 from swarm.models.base import load_span
-from swarm.models.llama import LlamaFamily, llama_layer_forward
+from swarm.models.decoder import DecoderFamily
+from swarm.models.llama import llama_layer_forward
 from swarm.spans import BlockSpan
 from tests.conftest import make_tiny_llama
 
@@ -53,13 +55,13 @@ def run_session(family, loaded, span: BlockSpan, fast: bool, dtype=torch.float32
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
     outputs = []
     with torch.inference_mode():
-        outputs.append(family.forward(loaded, span, {"hidden_states": hidden(2, 7), "attention_mask": mask}, state))
+        outputs.append(family.forward(loaded, span, {"hidden_states": hidden(2, 7), "attention_mask": mask}, state, None))
         for step in range(4):
             inputs = {"hidden_states": hidden(2, 1)}
             if step == 2:
                 inputs["hypo_ids"] = torch.tensor([1, 1])
-            outputs.append(family.forward(loaded, span, inputs, state))
-        outputs.append(family.forward(loaded, span, {"hidden_states": hidden(3, 9)}, None))
+            outputs.append(family.forward(loaded, span, inputs, state, None))
+        outputs.append(family.forward(loaded, span, {"hidden_states": hidden(3, 9)}, None, None))
     return [output["hidden_states"] for output in outputs]
 
 
@@ -85,26 +87,22 @@ def test_fast_path_in_bfloat16(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(slow, fast))
 
 
-class OffByOneUlp(LlamaFamily):
-    @staticmethod
-    def fast_layer_forward(layer, hidden_states, *args):
-        output = llama_layer_forward(layer, hidden_states, *args)
-        return torch.nextafter(output, torch.full_like(output, float("inf")))
+def off_by_one_ulp(layer, hidden_states, *args):
+    output = llama_layer_forward(layer, hidden_states, *args)
+    return torch.nextafter(output, torch.full_like(output, float("inf")))
 
 
-class Broken(LlamaFamily):
-    @staticmethod
-    def fast_layer_forward(layer, hidden_states, *args):
-        raise AttributeError("no such submodule")
+def broken(layer, hidden_states, *args):
+    raise AttributeError("no such submodule")
 
 
-@pytest.mark.parametrize("family", [OffByOneUlp(), Broken()], ids=["differs", "raises"])
-def test_a_fast_path_that_differs_is_not_used(tiny_llama, family, caplog):
+@pytest.mark.parametrize("fast_path", [off_by_one_ulp, broken], ids=["differs", "raises"])
+def test_a_fast_path_that_differs_is_not_used(tiny_llama, fast_path, caplog):
+    family = DecoderFamily(fast_paths={LlamaDecoderLayer: fast_path})
     span = BlockSpan(0, 2)
     _, loaded = load(tiny_llama, span, family=family)
     assert not loaded.fast_path
     assert "Not using the fast path" in caplog.text
     _, reference = load(tiny_llama, span)
-    expected = run_session(LlamaFamily(), reference, span, False)
-    loaded.fast_path = False
+    expected = run_session(CAUSAL_LM, reference, span, False)
     assert all(torch.equal(a, b) for a, b in zip(expected, run_session(family, loaded, span, False)))

@@ -8,17 +8,18 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from swarm.checkpoint import CheckpointIndex, load_model_config
-from swarm.models import FAMILIES
+from swarm.models import FAMILIES, FAST_PATHS
 from swarm.models.base import load_span
-from swarm.models.llama import LlamaFamily
+from swarm.models.decoder import DecoderFamily
 from swarm.server.handlers import RequestHandler
 from swarm.server.sessions import SessionManager
 from swarm.spans import BlockSpan
 from swarm.transport import Connection, TensorServer
 
 
-class RecordingLlama(LlamaFamily):
+class RecordingLlama(DecoderFamily):
     def __init__(self):
+        super().__init__(fast_paths=FAST_PATHS)
         self.threads = []
 
     def forward(self, *args, **kwargs):
@@ -40,7 +41,7 @@ def test_requests_from_several_connections_compute_on_one_thread(tiny_llama):
         handler = RequestHandler(family, loaded, SessionManager(60), "tiny", "0", 64, compute)
         server = TensorServer("127.0.0.1", 0, handler).start()
         hidden = torch.randn(1, 4, config.hidden_size)
-        expected = torch.inference_mode()(family.forward)(loaded, span, {"hidden_states": hidden}, None)
+        expected = torch.inference_mode()(family.forward)(loaded, span, {"hidden_states": hidden}, None, None)
         family.threads.clear()
         errors = []
 

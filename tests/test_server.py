@@ -76,15 +76,6 @@ def test_span_outside_the_model_is_rejected(tiny_llama):
     assert result.returncode == 2 and "START:END" in result.stderr
 
 
-def test_unsupported_family_is_rejected(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
-    result = run_server_cli(str(tmp_path), "--new-swarm", "--host", "127.0.0.1")
-    assert result.returncode == 2
-    assert "'gpt2' is not supported" in result.stderr and "LlamaForCausalLM" in result.stderr
-
-
 @pytest.fixture
 def first_server(llama_swarm_3):
     connection = Connection(llama_swarm_3.servers[0].address, timeout=30)

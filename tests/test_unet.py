@@ -94,19 +94,19 @@ def round_trip(directory, cuts: list[int], inputs: dict) -> torch.Tensor:
     bounds = [0, *cuts, family.num_blocks(config)]
     spans = [load_span(family, config, checkpoint, BlockSpan(start, end), torch.float32, "cpu") for start, end in zip(bounds, bounds[1:])]
     states = [family.new_session_state(loaded, loaded.span, 1) for loaded in spans]
-    client = DistributedUNet2DConditionModel.from_swarm(directory, config, family, None)
+    client = DistributedUNet2DConditionModel.from_swarm(weights, weights, config, family, None)
     with torch.no_grad():
         step, encoder = client._embed(
             inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], None, None, inputs.get("added_cond_kwargs", {})
         )
         tensors = {**step, "encoder_hidden_states": encoder}
         for loaded, state in zip(spans, states):
-            family.check_inputs(loaded, tensors, state, 1, loaded.span, phase="down")
-            tensors |= family.forward(loaded, loaded.span, tensors, state, phase="down")
+            family.check_inputs(loaded, tensors, state, 1, loaded.span, "down")
+            tensors |= family.forward(loaded, loaded.span, tensors, state, "down")
         tensors = {"sample": tensors["sample"]}
         for loaded, state in reversed(list(zip(spans, states))):
-            family.check_inputs(loaded, tensors, state, 1, loaded.span, phase="up")
-            tensors = family.forward(loaded, loaded.span, tensors, state, phase="up")
+            family.check_inputs(loaded, tensors, state, 1, loaded.span, "up")
+            tensors = family.forward(loaded, loaded.span, tensors, state, "up")
     return tensors["sample"]
 
 

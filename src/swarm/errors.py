@@ -1,7 +1,8 @@
 """Every error that `swarm` raises on purpose, grouped by what a caller does about it.
 
     SwarmError
-    ├── ConfigurationError        fix the arguments: bad model path, span, unsupported family
+    ├── ConfigurationError        fix the arguments: bad model path, span, ...
+    │   └── UnsupportedModelError  swarm cannot cut this model's architecture (yet)
     ├── RemoteError               a server answered with an error of its own: retry elsewhere
     │   ├── BadRequestError       the request was malformed or out of bounds (server stays up): a bug, not retried
     │   └── ServerUnavailableError  the server is leaving and takes no new sessions: retry elsewhere
@@ -24,6 +25,15 @@ class SwarmError(Exception):
 
 class ConfigurationError(SwarmError, ValueError):
     """The caller asked for something that cannot work: a path that is not a model, a bad span, ..."""
+
+
+class UnsupportedModelError(ConfigurationError):
+    """swarm does not know how to cut this model into blocks: an unknown architecture, or a feature of a known one
+    that its servers cannot reproduce. Raised by `from_pretrained` and at server start, never a wrong answer."""
+
+    def __init__(self, model_type: str | None, reason: str):
+        super().__init__(f"model type {model_type!r}: {reason}")
+        self.model_type = model_type
 
 
 class RemoteError(SwarmError):

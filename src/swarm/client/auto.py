@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
 
-from swarm.checkpoint import load_model_config, model_name_of, resolve_model_path
+from swarm.client.causal_lm import DistributedModelForCausalLM
 from swarm.client.config import ClientConfig
-from swarm.client.remote import RemoteBlocks
-from swarm.errors import ConfigurationError
+from swarm.client.connect import connect
+from swarm.client.diffusion import DistributedUNet2DConditionModel
+from swarm.client.seq2seq_lm import DistributedModelForSeq2SeqLM
+
+# `ModelFamily.client_kind` -> the class that drives the model on the client (its `from_swarm` builds it)
+CLIENT_KINDS = {
+    "causal_lm": DistributedModelForCausalLM,
+    "seq2seq_lm": DistributedModelForSeq2SeqLM,
+    "diffusion_unet": DistributedUNet2DConditionModel,
+}
 
 
 class AutoDistributedModel:
@@ -29,31 +36,23 @@ class AutoDistributedModel:
     ):
         """Loads only the client-side weights of `name_or_path` and finds servers for its blocks.
 
-        For a diffusers pipeline folder, returns the pipeline with its UNet in the swarm (its other
-        components run here). Waits up to `coverage_timeout` seconds for the swarm to cover every block,
-        then raises `MissingBlocksError` naming the blocks that no server hosts.
+        Returns the model's own class (a causal or sequence-to-sequence LM) with its blocks in the swarm; for a
+        diffusers pipeline folder, the pipeline with its UNet in the swarm (its other components run here).
+        Waits up to `coverage_timeout` seconds for the swarm to cover every block, then raises
+        `MissingBlocksError` naming the blocks that no server hosts; a model swarm cannot cut raises
+        `UnsupportedModelError`.
         """
-        from swarm.models import FAMILIES, family_for
-
-        path = resolve_model_path(name_or_path)
-        config, _ = load_model_config(path, FAMILIES)
-        family = family_for(config)
-        config = family.prepare_config(config)
-        given = client_config or ClientConfig()
-        overrides = {"coverage_timeout": coverage_timeout, "step_timeout": step_timeout}
-        client_config = dataclasses.replace(  # a copy: the caller's config stays as it was, ready for another model
-            given,
-            initial_peers=list(initial_peers or given.initial_peers),
-            model_name=model_name or given.model_name or model_name_of(name_or_path),
-            **{name: value for name, value in overrides.items() if value is not None},
-        )
-        if not client_config.initial_peers:
-            raise ConfigurationError("pass initial_peers: the multiaddrs of any peer of the swarm")
-        remote = RemoteBlocks(
-            client_config, client_config.model_name, family.num_blocks(config), phases=family.phases(config)
+        model = connect(
+            name_or_path,
+            initial_peers,
+            model_name=model_name,
+            coverage_timeout=coverage_timeout,
+            step_timeout=step_timeout,
+            client_config=client_config,
         )
         try:
-            return family.client_model(path, config, remote, dtype)
+            client_class = CLIENT_KINDS[model.family.client_kind]
+            return client_class.from_swarm(model.path, model.weights_path, model.config, model.family, model.remote, dtype)
         except BaseException:
-            remote.shutdown()
+            model.remote.shutdown()
             raise

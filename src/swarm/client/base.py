@@ -1,64 +1,96 @@
-"""What every distributed model shares: it loads only its client-side modules, and its servers keep the cache.
+"""What every distributed model shares: it is the model's own class, with its stacks of blocks in the swarm.
 
-`.generate()` runs in an inference session, so every step sends only the new token through the servers;
-beam search makes the servers reorder their caches (`hypo_ids`).
+A distributed model is an instance of the model's own class (`LlamaForCausalLM`, `T5ForConditionalGeneration`,
+...), built on the meta device by its family (`ModelFamily.client_skeleton`). Each stack of blocks the family
+names (`client_stacks`) is replaced by a `RemoteStack`: the model's own forward runs its embeddings, norms and
+head here, exactly as their code says, and the `RemoteStack` sends the hidden states through the servers of
+its stage. Only the tensors that no block holds are loaded. The instance's class is the model's class with a
+mixin in front (`distributed_class`), under the same name, so `generate()` and `pipeline(...)` treat it as the
+model itself; the mixin adds inference sessions, in which servers keep the KV cache and beam search reorders it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import itertools
 import threading
+from pathlib import Path
 from typing import Iterator
 
 import torch
-from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
-from transformers.generation import GenerationMixin
+from torch import nn
+from transformers import GenerationConfig
 
 from swarm.checkpoint import CheckpointIndex
 from swarm.client.remote import RemoteBlocks
 from swarm.client.session import InferenceSession
+from swarm.errors import ConfigurationError
+from swarm.models.base import ClientStack, ModelFamily
 from swarm.spans import BlockSpan
 
+MASKS = ("attention_mask", "encoder_attention_mask")  # inputs that mean "all positions" when all ones
+PER_POSITION = ("attention_mask", "position_ids")  # inputs a session step sends for its new positions only
 
-class DistributedPreTrainedModel(PreTrainedModel, GenerationMixin):
-    """What every distributed model shares: client-side modules loaded alone, and inference sessions."""
 
-    config_class = PretrainedConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-    _supports_sdpa = True  # attention runs on the servers; this only lets the config say "sdpa"
+class SwarmModelMixin:
+    """Inference sessions for a distributed model; mixed in front of the model's own class."""
 
-    def __init__(self, config, family, remote: RemoteBlocks):
-        super().__init__(config)
+    family: ModelFamily
+    remote: RemoteBlocks
+
+    def attach_swarm(self, family: ModelFamily, remote: RemoteBlocks):
         self.family = family
         self.remote = remote
-        for name, module in family.build_client_modules(config).items():
-            _set_submodule(self, name, module)
-        self._local = threading.local()
+        self._swarm_local = threading.local()
+
+    @classmethod
+    def from_swarm(cls, path: Path, weights_path: Path, config, family: ModelFamily, remote: RemoteBlocks, dtype):
+        """The client side of the model at `path`, its blocks served by `remote`'s swarm."""
+        model = load_client_model(weights_path, config, family, remote, dtype, cls)
+        if (path / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        return model
 
     @property
     def session_span(self) -> BlockSpan:
         """The blocks an inference session runs: the last stage (the decoder of an encoder-decoder)."""
         return self.family.stages(self.config)[-1]
 
-    @classmethod
-    def from_checkpoint(cls, path, config, family, remote: RemoteBlocks, dtype=torch.float32):
-        """Builds the client side and loads only its tensors (embeddings, final norm, head)."""
-        from accelerate import init_empty_weights
+    @property
+    def active_session(self) -> InferenceSession | None:
+        return getattr(self._swarm_local, "session", None)
 
-        with init_empty_weights():
-            model = cls(config, family, remote)
-        checkpoint = CheckpointIndex(path)
-        prefixes = tuple(f"{name}." for name in family.client_module_names())
-        tensors = checkpoint.load(checkpoint.names(lambda name: name.startswith(prefixes)), dtype)
-        model.load_state_dict(tensors, strict=False, assign=True)
-        family.tie_client_weights(model, config)
-        still_empty = [name for name, parameter in model.named_parameters() if parameter.is_meta]
-        if still_empty:
-            raise ValueError(f"the checkpoint at {path} lacks client-side tensors {still_empty}")
-        if (path / "generation_config.json").is_file():
-            model.generation_config = GenerationConfig.from_pretrained(path)
-        return model.to(dtype).eval().requires_grad_(False)
+    def step_session(self) -> InferenceSession | None:
+        """The session the current call steps (None inside a call made with `use_cache=False`)."""
+        return None if getattr(self._swarm_local, "without_session", False) else self.active_session
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int) -> Iterator[InferenceSession]:
+        """A session whose servers keep the KV cache; `.generate()` calls inside it continue one conversation."""
+        with InferenceSession(self.remote, max_length, self.session_span) as session, self._use_session(session):
+            yield session
+
+    @contextlib.contextmanager
+    def _use_session(self, session: InferenceSession):
+        previous = self.active_session
+        self._swarm_local.session = session
+        try:
+            yield session
+        finally:
+            self._swarm_local.session = previous
+
+    @contextlib.contextmanager
+    def _without_session(self, without: bool):
+        previous = getattr(self._swarm_local, "without_session", False)
+        self._swarm_local.without_session = without
+        try:
+            yield
+        finally:
+            self._swarm_local.without_session = previous
+
+    # How `generate()` meets the servers' caches
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -73,30 +105,84 @@ class DistributedPreTrainedModel(PreTrainedModel, GenerationMixin):
             self.active_session.reorder(beam_idx)
         return cache
 
-    @property
-    def active_session(self) -> InferenceSession | None:
-        return getattr(self._local, "session", None)
 
-    @contextlib.contextmanager
-    def inference_session(self, max_length: int) -> Iterator[InferenceSession]:
-        """A session whose servers keep the KV cache; `.generate()` calls inside it continue one conversation."""
-        with self.remote.inference_session(max_length, self.session_span) as session, self._use_session(session):
-            yield session
+class RemoteStack(nn.Module):
+    """Stands in for a stack of blocks: called as the stack's first block, it runs them all in the swarm.
 
-    @contextlib.contextmanager
-    def _use_session(self, session: InferenceSession):
-        previous = self.active_session
-        self._local.session = session
-        try:
-            yield session
-        finally:
-            self._local.session = previous
+    What travels with the hidden states (`ClientStack.inputs`) is read from the arguments of the call to the
+    stack's owner (the module whose forward loops over the blocks), captured by a forward pre-hook, and
+    position ids from the call to the block when the owner computed them."""
+
+    def __init__(self, model: SwarmModelMixin, stack: ClientStack, span: BlockSpan, runs_sessions: bool):
+        super().__init__()
+        self._model = [model]  # a list, so that the model is not registered as a submodule
+        self.stack = stack
+        self.span = span  # the blocks of the stack's stage
+        self.runs_sessions = runs_sessions  # whether an active inference session runs this stack
+        self._owner_signature: inspect.Signature | None = None
+        self._calls = threading.local()
+
+    def capture(self, owner: nn.Module, args: tuple, kwargs: dict):
+        """Forward pre-hook of the owner: keeps the arguments of its call that travel to the servers."""
+        if self._owner_signature is None:
+            self._owner_signature = inspect.signature(owner.forward)
+        arguments = self._owner_signature.bind_partial(*args, **kwargs).arguments
+        self._calls.arguments = {name: arguments.get(name) for name in self.stack.inputs}
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        model = self._model[0]
+        values = dict(getattr(self._calls, "arguments", None) or {})
+        if kwargs.get("position_ids") is not None and "position_ids" in self.stack.inputs:
+            values["position_ids"] = kwargs["position_ids"]
+        session = model.step_session() if self.runs_sessions else None
+        tokens, tensors = hidden_states.shape[1], {"hidden_states": hidden_states}
+        for name, value in values.items():
+            if not isinstance(value, torch.Tensor) or (name in MASKS and bool(value.all())):
+                continue  # servers read a missing mask as all ones
+            if session is not None and name in PER_POSITION:
+                value = value[:, -tokens:]
+            if session is None or session.position == 0 or name not in self.stack.kept:
+                tensors[name] = value
+        if session is not None:
+            tensors["hypo_ids"] = session.take_hypo_ids()
+            hidden = session.step(tensors)["hidden_states"]
+        else:
+            hidden = model.remote.forward(tensors, self.span)["hidden_states"]
+        return hidden if self.stack.returns == 1 else (hidden, *[None] * (self.stack.returns - 1))
 
 
-def _set_submodule(root: torch.nn.Module, dotted_name: str, module: torch.nn.Module):
-    *parents, name = dotted_name.split(".")
-    for parent in parents:
-        if not hasattr(root, parent):
-            root.add_module(parent, torch.nn.Module())
-        root = getattr(root, parent)
-    root.add_module(name, module)
+@functools.cache
+def distributed_class(model_class: type, mixin: type) -> type:
+    """`model_class` with `mixin` in front, under the model class's own name (a mixin that already derives from
+    `model_class` is the class itself)."""
+    if issubclass(mixin, model_class):
+        return mixin
+    return type(model_class.__name__, (mixin, model_class), {"__doc__": model_class.__doc__})
+
+
+def load_client_model(weights_path: Path, config, family: ModelFamily, remote: RemoteBlocks, dtype, mixin: type):
+    """Builds the family's client skeleton as `distributed_class(its class, mixin)`, puts its stacks in the
+    swarm, and loads only its own tensors from the checkpoint at `weights_path`."""
+    model = family.client_skeleton(config)
+    model.__class__ = distributed_class(type(model), mixin)
+    model.attach_swarm(family, remote)
+    stages = family.stages(config)
+    for stack in family.client_stacks(config):
+        stand_in = RemoteStack(model, stack, stages[stack.stage], runs_sessions=stack.stage == len(stages) - 1)
+        owner_path, _, name = stack.path.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        setattr(owner, name, nn.ModuleList([stand_in]))
+        owner.register_forward_pre_hook(stand_in.capture, with_kwargs=True)
+    for path in family.client_removed(config):
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, None)
+    checkpoint = CheckpointIndex(weights_path)
+    names = family.client_tensor_names(config, checkpoint.file_of)
+    tensors = checkpoint.load(list(names), dtype)
+    model.load_state_dict({names[name]: tensor for name, tensor in tensors.items()}, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # the model's own rule: its head to its embeddings, T5's stacks to `shared`, ...
+    still_empty = [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()) if tensor.is_meta]
+    if still_empty:
+        raise ConfigurationError(f"the checkpoint at {weights_path} lacks client-side tensors {still_empty}")
+    return model.to(dtype).eval().requires_grad_(False)

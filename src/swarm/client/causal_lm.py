@@ -1,29 +1,29 @@
 """A causal LM whose embeddings and head run here while its blocks run in the swarm.
 
-It is a `transformers` model: `model(input_ids)` returns `.logits`, and `.generate()` takes the
-usual arguments (greedy, sampling, streamers, batches with left padding). Each `.generate()` call
-runs in an inference session, so every step sends only the new token through the servers;
-inside `with model.inference_session(max_length=...)`, successive calls continue one conversation.
+It is the model's own class (`LlamaForCausalLM`, `Gemma2ForCausalLM`, `GPT2LMHeadModel`, ...) with its layers in
+the swarm (see `swarm.client.base`): `model(input_ids)` returns `.logits` as the local model computes them, and
+`.generate()` takes the usual arguments (greedy, sampling, beam search, streamers, batches with left padding).
+Each `.generate()` call runs in an inference session, so every step sends only the new token through the
+servers; inside `with model.inference_session(max_length=...)`, successive calls continue one conversation.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 
 import torch
-from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
-from transformers.generation import GenerationMixin
-
-from swarm.client.base import DistributedPreTrainedModel
+from swarm.client.base import SwarmModelMixin
 from swarm.client.session import InferenceSession
 
 logger = logging.getLogger(__name__)
 
 
-class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
-    base_model_prefix = "model"
+class DistributedModelForCausalLM(SwarmModelMixin):
+    """Mixed in front of a causal LM's own class: its forward and `generate()` in inference sessions."""
 
     def forward(
         self,
@@ -31,39 +31,29 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        cache=None,
         use_cache: bool | None = None,
-        logits_to_keep: int = 0,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        hidden = self.family.embed(self, input_ids) if inputs_embeds is None else inputs_embeds
+    ):
+        """The model's own forward, with no local cache: in a session, the servers hold it, and only the
+        positions they have not seen are run."""
         session = self.active_session if use_cache is not False else None
         if session is not None:
             skip, session.skip_tokens = session.skip_tokens, 0
-            hidden = hidden[:, skip:]
-            tokens = hidden.shape[1]
+            input_ids = input_ids[:, skip:] if input_ids is not None else None
+            inputs_embeds = inputs_embeds[:, skip:] if inputs_embeds is not None else None
+            tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
             if position_ids is None:
                 position_ids = torch.arange(session.position, session.position + tokens).unsqueeze(0)
-            new_mask = attention_mask[:, -tokens:] if attention_mask is not None else None
-            if new_mask is not None and bool(new_mask.all()):
-                new_mask = None  # servers read a missing mask as all ones, and skip masking while every mask was
-            tensors = {
-                "hidden_states": hidden,
-                "position_ids": position_ids[:, -tokens:],
-                "attention_mask": new_mask,
-                "hypo_ids": session.take_hypo_ids(),
-            }
-            hidden = session.step(tensors)["hidden_states"]
-        else:
-            if position_ids is None:
-                position_ids = torch.arange(hidden.shape[1]).unsqueeze(0)
-            tensors = {"hidden_states": hidden, "position_ids": position_ids, "attention_mask": attention_mask}
-            hidden = self.remote.forward(tensors)["hidden_states"]
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(logits=self.family.head(self, hidden))
+            position_ids = position_ids[:, -tokens:]
+        if attention_mask is not None and attention_mask.ndim == 2 and bool(attention_mask.all()):
+            attention_mask = None  # the same for the model, and it spares it a mask of every position
+        if position_ids is not None and takes_position_ids(type(self)):
+            kwargs["position_ids"] = position_ids  # models with alibi (Bloom) have none
+        with self._without_session(use_cache is False):
+            return super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, cache=None, use_cache=False, **kwargs
+            )
 
     def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None, **kwargs):
         """`GenerationMixin.generate` in an inference session: the given one, the active one, or a new one.
@@ -124,3 +114,8 @@ def _continue_conversation(history, history_mask, inputs, mask):
         history_mask = history_mask if history_mask is not None else torch.ones_like(history)
         mask = torch.cat([history_mask, mask if mask is not None else torch.ones_like(inputs)], dim=1)
     return torch.cat([history, inputs], dim=1), history.shape[1], mask
+
+
+@functools.cache
+def takes_position_ids(model_class: type) -> bool:
+    return "position_ids" in inspect.signature(super(DistributedModelForCausalLM, model_class).forward).parameters

@@ -30,10 +30,11 @@ from typing import Any, Iterator
 
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
-from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from swarm.checkpoint import PIPELINE_FILE, CheckpointIndex, load_model_config, model_name_of, resolve_model_path
+from swarm.checkpoint import PIPELINE_FILE, model_name_of
+from swarm.client.base import load_client_model
+from swarm.client.connect import connect
 from swarm.client.remote import RemoteBlocks
 from swarm.client.session import InferenceSession
 from swarm.errors import ConfigurationError
@@ -51,44 +52,36 @@ class DistributedUNet2DConditionModel(UNet2DConditionModel):
     """A `UNet2DConditionModel` whose blocks run in a swarm while its embeddings run here. It has the config
     and embedding modules of the local UNet (and its helper methods); its blocks are on the servers."""
 
-    def __init__(self, config, family, remote: RemoteBlocks):
-        ModelMixin.__init__(self)  # not the local UNet's constructor, which would build every block
-        self.register_to_config(**config.values)
+    def attach_swarm(self, family, remote: RemoteBlocks):
         self.family = family
         self.remote = remote
         self.pipeline_path: Path | None = None  # the pipeline folder this UNet was loaded from, if any
-        for name, module in family.build_client_modules(config).items():
-            setattr(self, name, module)
         self._local = threading.local()
 
     @classmethod
-    def from_swarm(cls, path: Path, config, family, remote: RemoteBlocks, dtype=torch.float32):
-        """The client side of the UNet at `path` (a pipeline or the UNet's folder): only its embeddings load."""
-        from accelerate import init_empty_weights
-
-        with init_empty_weights():
-            model = cls(config, family, remote)
-        _, weights_path = load_model_config(path, family.model_types)
-        checkpoint = CheckpointIndex(weights_path)
-        tensors = checkpoint.load(family.client_tensor_names(config, checkpoint.file_of), dtype)
-        model.load_state_dict(tensors, strict=True, assign=True)
-        model.pipeline_path = path if (path / PIPELINE_FILE).is_file() else None
-        return model.eval().requires_grad_(False)  # the tensors were loaded in `dtype`
+    def from_swarm(cls, path: Path, weights_path: Path, config, family, remote: RemoteBlocks, dtype=torch.float32):
+        """The client side of the UNet at `path` (only its embeddings load): the diffusers pipeline with it in
+        place of its UNet when `path` is a pipeline's folder, else the UNet alone."""
+        model = load_client_model(weights_path, config, family, remote, dtype, cls)
+        if not (path / PIPELINE_FILE).is_file():
+            return model
+        model.pipeline_path = path
+        return distributed_pipeline(path, model, dtype)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, initial_peers=(), **kwargs) -> "DistributedUNet2DConditionModel":
         """The UNet of a pipeline folder (or the UNet's own folder) with its blocks in the swarm; takes the
         keyword arguments of `AutoDistributedModel.from_pretrained`."""
-        from swarm.client.auto import AutoDistributedModel
-        from swarm.models import FAMILIES
-
-        _, weights_path = load_model_config(resolve_model_path(name_or_path), FAMILIES)
+        dtype = kwargs.pop("dtype", torch.float32)
         kwargs["model_name"] = kwargs.get("model_name") or model_name_of(name_or_path)
-        unet = AutoDistributedModel.from_pretrained(weights_path, initial_peers, **kwargs)
-        if not isinstance(unet, cls):
-            unet.remote.shutdown()
-            raise ConfigurationError(f"{name_or_path} holds a {type(unet).__name__}, not a UNet2DConditionModel")
-        return unet
+        model = connect(name_or_path, initial_peers, **kwargs)
+        try:
+            if model.family.client_kind != "diffusion_unet":
+                raise ConfigurationError(f"{name_or_path} holds a {model.config.model_type} model, not a UNet2DConditionModel")
+            return cls.from_swarm(model.weights_path, model.weights_path, model.config, model.family, model.remote, dtype)
+        except BaseException:
+            model.remote.shutdown()
+            raise
 
     # Sessions
 
@@ -102,7 +95,7 @@ class DistributedUNet2DConditionModel(UNet2DConditionModel):
         """One session for every UNet call inside it (the steps of a pipeline call): the servers keep the
         prompt embeddings between steps, and failover replays only what they depend on."""
         previous = getattr(self._local, "active", None)
-        with self.remote.inference_session(max_length=1) as session:
+        with InferenceSession(self.remote, max_length=1, span=self.remote.span) as session:
             self._local.active = _ActiveSession(session)
             try:
                 yield session
@@ -141,7 +134,8 @@ class DistributedUNet2DConditionModel(UNet2DConditionModel):
         conditioning = dict(zip(CONDITIONING, (encoder_hidden_states, *masks)))
         active = getattr(self._local, "active", None)
         if active is None:
-            output = self.remote.forward({**inputs, **conditioning})["sample"]
+            with InferenceSession(self.remote, max_length=1, span=self.remote.span) as session:
+                output = session.step({**inputs, **conditioning}, keeps_state=False)["sample"]
         else:
             changed = active.conditioning is None or not _same_tensors(active.conditioning, conditioning)
             step_inputs = {**inputs, **conditioning} if changed else inputs

@@ -2,7 +2,7 @@
 through them, with failover.
 
 `RemoteBlocks` keeps the swarm's records, the measured latencies and the bans, and runs forward passes.
-`InferenceSession` (in `swarm.client.session`) keeps one server-side session per hop.
+`InferenceSession` (in `swarm.client.session`, which builds on this module) keeps one server-side session per hop.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from swarm.client.config import ClientConfig
 from swarm.client.retry import is_retriable
 from swarm.client.routing import Hop, RoutingPreferences, missing_blocks, plan_route, usable_servers
-from swarm.errors import MissingBlocksError, PeerError, SwarmUnavailableError
+from swarm.errors import ConfigurationError, MissingBlocksError, PeerError, SwarmUnavailableError
 from swarm.records import ServerRecord, fetch_records
 from swarm.spans import BlockSpan
 from swarm.transport import Connection
@@ -143,12 +143,11 @@ class RemoteBlocks:
         reply tensors replace the inputs of the same name for the next hop (hidden states); the others travel
         unchanged (position ids, masks). Floating-point tensors come back in the caller's dtype.
 
-        A model whose steps make a round trip keeps state on its servers between the two passes: its
-        forward is one step of a short-lived inference session."""
+        A model whose steps make a round trip keeps state on its servers between the two passes: it runs
+        each step in an `InferenceSession` instead."""
         span = span or self.span
         if self.phases:
-            with self.inference_session(max_length=1, span=span) as session:
-                return session.step(tensors, keeps_state=False)
+            raise ConfigurationError("a model whose steps make a round trip runs them in inference sessions")
         tensors = {name: tensor for name, tensor in tensors.items() if tensor is not None}
         caller_dtypes = {name: tensor.dtype for name, tensor in tensors.items()}
         budget, block = self.config.retry.start(), span.start
@@ -184,11 +183,6 @@ class RemoteBlocks:
             raise SwarmUnavailableError(
                 f"could not serve blocks {span} of {self.model_name}: {missing} (after: {error})"
             ) from error
-
-    def inference_session(self, max_length: int, span: BlockSpan | None = None):
-        from swarm.client.session import InferenceSession
-
-        return InferenceSession(self, max_length, span or self.span)
 
     def shutdown(self):
         with self._lock:

@@ -1,14 +1,12 @@
-"""Llama and every checkpoint with `model_type: llama` (SmolLM2, TinyLlama, Llama 2/3, ...).
+"""A fast path for `LlamaDecoderLayer` (Llama, SmolLM2, TinyLlama, Llama 2/3, ...), which the generic decoder family
+(`swarm.models.decoder`) uses for layers of exactly that class.
 
-Blocks are `model.layers.{i}`; the client keeps `model.embed_tokens`, `model.norm` and `lm_head`
-(tied to the embeddings when `tie_word_embeddings` is set, as in SmolLM2).
-
-Servers run a block through `llama_layer_forward`: the operations of `LlamaDecoderLayer.forward`, in
+Servers run such a block through `llama_layer_forward`: the operations of `LlamaDecoderLayer.forward`, in
 the same order on the same tensors, with transformers' own rotary and attention functions, but on the
 layer's tensors read once (`LlamaLayerPlan`) instead of through `nn.Module.__call__`, module attribute
 lookups and the layer's wrappers. That takes about a tenth off a decode step on CPU, and the outputs
 are bitwise the same, which every server checks when it loads its blocks
-(see `DecoderOnlyFamily.check_fast_path`).
+(see `DecoderFamily.check_fast_path`).
 """
 
 from __future__ import annotations
@@ -23,13 +21,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
-
-from swarm.models.decoder import DecoderOnlyFamily
 
 Linear = tuple[torch.Tensor, torch.Tensor | None]  # weight, bias
 
@@ -119,11 +113,3 @@ def llama_layer_forward(
     gate = plan.act(F.linear(normed, *plan.gate))
     return hidden_states + F.linear(gate * F.linear(normed, *plan.up), *plan.down)
 
-
-class LlamaFamily(DecoderOnlyFamily):
-    model_types = ("llama",)
-    architectures = ("LlamaForCausalLM",)
-    layer_class = LlamaDecoderLayer
-    rotary_class = LlamaRotaryEmbedding
-    norm_class = LlamaRMSNorm
-    fast_layer_forward = staticmethod(llama_layer_forward)

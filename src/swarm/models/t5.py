@@ -1,9 +1,8 @@
 """T5 (`T5ForConditionalGeneration`): an encoder-decoder, cut into blocks numbered in execution order.
 
-Blocks 0..E-1 are `encoder.block.{i}`, blocks E..E+D-1 are `decoder.block.{j}`; the two stacks are
-the family's stages, so a server may host a span that crosses from the encoder into the decoder, and
-every request stays within one stage. The client keeps the shared embedding, both final layer norms
-and the head.
+Blocks 0..E-1 are `encoder.block.{i}`, blocks E..E+D-1 are `decoder.block.{j}`; the two stacks are the
+family's stages, so a server may host a span that crosses from the encoder into the decoder, and every
+request stays within one stage. Each block keeps its index within its stack, as in the whole model.
 
 Encoder request (no session):  hidden_states (B, S, d_model), attention_mask (B, S) optional.
 Decoder request:               hidden_states (B, T, d_model), attention_mask (B, T) optional,
@@ -19,51 +18,24 @@ anywhere. A decoder session keeps its self- and cross-attention caches and the e
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, EncoderDecoderCache
+from torch import nn
+from transformers import DynamicCache, EncoderDecoderCache, T5ForConditionalGeneration
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
-from transformers.models.t5.modeling_t5 import T5Attention, T5Block, T5LayerNorm
+from transformers.models.t5.modeling_t5 import T5Attention, T5Block
 
-from swarm.client.seq2seq_lm import DistributedModelForSeq2SeqLM
-from swarm.models.base import (
-    LoadedSpan,
-    ModelFamily,
-    Tensors,
-    check_hidden_states,
-    check_mask,
-    check_session_step,
-    extend_mask,
-    require,
-)
+from swarm.models.base import ClientStack, LoadedSpan, ModelFamily, Tensors
+from swarm.models.checks import check_hidden_states, check_mask, check_names, require
+from swarm.models.state import SequenceState
 from swarm.spans import BlockSpan
 
 ENCODER, DECODER = "encoder", "decoder"
-
-
-@dataclass
-class T5DecoderState:
-    """A decoder session: self- and cross-attention caches, the encoder output, and the masks so far."""
-
-    cache: EncoderDecoderCache
-    first_layer: int  # server-local index of the session's first block: its layer in the caches
-    encoder_hidden_states: torch.Tensor | None = None  # (batch, source_length, d_model)
-    encoder_attention_mask: torch.Tensor | None = None  # (batch, source_length)
-    attention_mask: torch.Tensor | None = None  # (batch, past_length), None while all ones
-    length: int = 0
-    batch_size: int | None = None
-
-    def reorder(self, hypo_ids: torch.Tensor):
-        self.cache.reorder_cache(hypo_ids)
-        for name in ("encoder_hidden_states", "encoder_attention_mask", "attention_mask"):
-            if (tensor := getattr(self, name)) is not None:
-                setattr(self, name, tensor[hypo_ids.to(tensor.device)])
+KEPT = ("encoder_hidden_states", "encoder_attention_mask")  # what a decoder session keeps from its first step
 
 
 class T5Family(ModelFamily):
-    model_types = ("t5",)
-    architectures = ("T5ForConditionalGeneration",)
+    client_kind = "seq2seq_lm"
 
     def num_blocks(self, config) -> int:
         return config.num_layers + config.num_decoder_layers
@@ -87,13 +59,18 @@ class T5Family(ModelFamily):
             stack_config.num_layers = config.num_decoder_layers
         return stack_config
 
-    def block_prefix(self, config, index: int) -> str:
+    def block_tensor_names(self, config, index: int, checkpoint_names) -> dict[str, str]:
         stack, position = self.stack_of(config, index)
-        return f"{stack}.block.{position}."
+        prefix = f"{stack}.block.{position}."
+        return {name: name[len(prefix) :] for name in checkpoint_names if name.startswith(prefix)}
 
-    def build_block(self, config, index: int, local_index: int):
-        stack, position = self.stack_of(config, index)
-        return T5Block(self.stack_config(config, stack), has_relative_attention_bias=position == 0, layer_idx=local_index)
+    def build_blocks(self, config, span: BlockSpan) -> list[nn.Module]:
+        blocks = []
+        for index in span:
+            stack, position = self.stack_of(config, index)
+            stack_config = self.stack_config(config, stack)
+            blocks.append(T5Block(stack_config, has_relative_attention_bias=position == 0, layer_idx=position))
+        return blocks
 
     def build_helpers(self, config, device, checkpoint, span: BlockSpan):
         """For each stack the span touches, an attention module holding only its relative position bias."""
@@ -115,29 +92,23 @@ class T5Family(ModelFamily):
             inputs["encoder_hidden_states"] = inputs["hidden_states"].clone()
         return inputs
 
-    def new_session_state(self, loaded: LoadedSpan, sub_span: BlockSpan, max_length: int) -> T5DecoderState:
+    def new_session_state(self, loaded: LoadedSpan, sub_span: BlockSpan, max_length: int) -> SequenceState:
         require(
             self.stack_of(loaded.config, sub_span.start)[0] == DECODER,
             "sessions run decoder blocks; encoder blocks take plain forward requests",
         )
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        return T5DecoderState(cache=cache, first_layer=sub_span.start - loaded.span.start)
+        return SequenceState(cache=EncoderDecoderCache(DynamicCache(), DynamicCache()))
 
-    def state_length(self, state: T5DecoderState) -> int:
-        return state.length
-
-    def check_inputs(self, loaded: LoadedSpan, inputs: Tensors, state, max_length, sub_span: BlockSpan):
+    def check_inputs(self, loaded: LoadedSpan, inputs: Tensors, state, max_length, sub_span: BlockSpan, phase):
         d_model, stack = loaded.config.d_model, self.stack_of(loaded.config, sub_span.start)[0]
-        batch, tokens = check_hidden_states(loaded, inputs, "hidden_states", d_model)
-        allowed = {"hidden_states", "attention_mask"}
-        if stack == DECODER:
-            allowed |= {"encoder_hidden_states", "encoder_attention_mask", "hypo_ids"}
-        require(not set(inputs) - allowed, f"unexpected tensors {sorted(set(inputs) - allowed)} for {stack} blocks")
+        batch, tokens = check_hidden_states(inputs, "hidden_states", d_model, loaded.dtype)
+        allowed = {"hidden_states", "attention_mask"} | ({*KEPT, "hypo_ids"} if stack == DECODER else set())
+        check_names(inputs, allowed, f"{stack} blocks")
         check_mask(inputs.get("attention_mask"), "attention_mask", batch, tokens)
         if stack == ENCODER:
             return
         encoder = inputs.get("encoder_hidden_states")
-        if state is None or state.encoder_hidden_states is None:
+        if state is None or "encoder_hidden_states" not in state.kept:
             require(encoder is not None, "decoder blocks need 'encoder_hidden_states' (in a session: with its first step)")
         if encoder is not None:
             require(
@@ -147,9 +118,9 @@ class T5Family(ModelFamily):
             require(encoder.dtype == loaded.dtype, f"encoder_hidden_states must be {loaded.dtype}")
             check_mask(inputs.get("encoder_attention_mask"), "encoder_attention_mask", batch, encoder.shape[1])
         if state is not None:
-            check_session_step(state, inputs.get("hypo_ids"), batch, tokens, max_length)
+            state.check_step(inputs.get("hypo_ids"), batch, tokens, max_length)
 
-    def forward(self, loaded: LoadedSpan, sub_span: BlockSpan, inputs: Tensors, state: T5DecoderState | None) -> Tensors:
+    def forward(self, loaded: LoadedSpan, sub_span: BlockSpan, inputs: Tensors, state, phase) -> Tensors:
         stack = self.stack_of(loaded.config, sub_span.start)[0]
         hidden = inputs["hidden_states"].to(loaded.device)
         if stack == ENCODER:
@@ -167,25 +138,25 @@ class T5Family(ModelFamily):
     def _run_decoder(self, loaded: LoadedSpan, sub_span: BlockSpan, hidden, inputs: Tensors, state):
         config = self.stack_config(loaded.config, DECODER)
         batch, tokens = hidden.shape[:2]
-        encoder_hidden, encoder_mask = inputs.get("encoder_hidden_states"), inputs.get("encoder_attention_mask")
-        past, cache, mask, first_layer = 0, None, inputs.get("attention_mask"), None
+        kept = {name: inputs[name] for name in KEPT if inputs.get(name) is not None}
+        past, cache, mask = 0, None, inputs.get("attention_mask")
         if state is not None:
             if (hypo_ids := inputs.get("hypo_ids")) is not None:
                 state.reorder(hypo_ids.to(loaded.device))
-            if encoder_hidden is not None:
-                state.encoder_hidden_states, state.encoder_attention_mask = encoder_hidden, encoder_mask
-            encoder_hidden, encoder_mask = state.encoder_hidden_states, state.encoder_attention_mask
-            past, cache, first_layer = state.length, state.cache, state.first_layer
-            mask = extend_mask(state.attention_mask, mask, batch, past, tokens)
-        encoder_hidden = encoder_hidden.to(loaded.device)
+            if "encoder_hidden_states" in kept:
+                state.kept = {name: tensor.to(loaded.device) for name, tensor in kept.items()}
+            kept, past, cache = state.kept, state.length, state.cache
+            mask = state.mask_with(mask, batch, tokens)
+        encoder_hidden = kept["encoder_hidden_states"].to(loaded.device)
         self_cache = cache.self_attention_cache if cache is not None else None
+        first_layer = self.stack_of(loaded.config, sub_span.start)[1]
         causal_mask = create_causal_mask(
             config=config, inputs_embeds=hidden, attention_mask=_to(mask, hidden), cache=self_cache, layer_idx=first_layer
         )
         cross_mask = create_bidirectional_mask(
             config=config,
             inputs_embeds=hidden,
-            attention_mask=_to(encoder_mask, hidden),
+            attention_mask=_to(kept.get("encoder_attention_mask"), hidden),
             encoder_hidden_states=encoder_hidden,
         )
         position_bias = loaded.helpers[DECODER].compute_bias(tokens, past + tokens, hidden.device, past_seen_tokens=past)
@@ -195,31 +166,23 @@ class T5Family(ModelFamily):
                 hidden, causal_mask, position_bias, encoder_hidden, cross_mask, cross_bias, cache=cache
             )
         if state is not None:
-            state.attention_mask, state.length, state.batch_size = mask, past + tokens, batch
+            state.advance(mask, batch, tokens)
         return hidden
 
-    # Client side: the shared embedding, the final norms and the head stay on the client.
+    # The client side: the shared embedding, the final norms and the head run on the client, as T5's own code.
 
-    def client_model(self, path, config, remote, dtype):
-        return DistributedModelForSeq2SeqLM.from_checkpoint(path, config, self, remote, dtype)
+    def client_skeleton(self, config) -> nn.Module:
+        from accelerate import init_empty_weights
 
-    def client_module_names(self) -> tuple[str, ...]:
-        return ("shared", "encoder.final_layer_norm", "decoder.final_layer_norm", "lm_head")
+        with init_empty_weights():
+            return T5ForConditionalGeneration(copy.deepcopy(config))
 
-    def build_client_modules(self, config) -> dict[str, torch.nn.Module]:
-        return {
-            "shared": torch.nn.Embedding(config.vocab_size, config.d_model),
-            "encoder.final_layer_norm": T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon),
-            "decoder.final_layer_norm": T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon),
-            "lm_head": torch.nn.Linear(config.d_model, config.vocab_size, bias=False),
-        }
-
-    def tie_client_weights(self, model, config):
-        if getattr(config, "tie_word_embeddings", False):
-            model.lm_head.weight = model.shared.weight
+    def client_stacks(self, config) -> tuple[ClientStack, ...]:
+        return (
+            ClientStack("encoder.block", stage=0, inputs=("attention_mask",), returns=3),
+            ClientStack("decoder.block", stage=1, inputs=("attention_mask", *KEPT), kept=KEPT, returns=3),
+        )
 
 
 def _to(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return mask.to(like.device) if mask is not None else None
-
-

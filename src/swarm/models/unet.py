@@ -55,7 +55,9 @@ import torch
 from torch import nn
 
 from swarm.errors import ConfigurationError
-from swarm.models.base import LoadedSpan, ModelFamily, Tensors, require
+from swarm.models.base import LoadedSpan, ModelFamily, Tensors
+from swarm.models.checks import require
+from swarm.models.state import SequenceState
 from swarm.spans import BlockSpan
 
 DOWN, UP = "down", "up"
@@ -88,17 +90,15 @@ class PairSkips:
 
 
 @dataclass
-class UNetState:
-    """A session on some blocks: the conditioning it was sent, and the current step's skips."""
+class UNetState(SequenceState):
+    """A session on some blocks: in `kept`, the conditioning it was sent (encoder_hidden_states (B, S, D), and
+    the optional biases attention_mask and encoder_attention_mask (B, 1, S)); and the current step's skips."""
 
-    encoder_hidden_states: torch.Tensor | None = None  # (B, S, D), kept from the step that sent it
-    attention_mask: torch.Tensor | None = None  # bias (B, 1, S) or None
-    encoder_attention_mask: torch.Tensor | None = None  # bias (B, 1, S) or None
     emb: torch.Tensor | None = None  # (B, T): this step's time embedding, from the way down to the way back
     skips: dict[int, PairSkips] = field(default_factory=dict)  # pair index -> its skips, this step
 
     def conditioning(self) -> dict[str, torch.Tensor | None]:
-        return {name: getattr(self, name) for name in CONDITIONING}
+        return {name: self.kept.get(name) for name in CONDITIONING}
 
 
 def has_cross_attention(module: nn.Module | None) -> bool:
@@ -207,8 +207,7 @@ def build_unet(config):
 
 
 class UNetFamily(ModelFamily):
-    model_types = ("UNet2DConditionModel",)
-    architectures = ("UNet2DConditionModel",)
+    client_kind = "diffusion_unet"
 
     def num_pairs(self, config) -> int:
         return len(config.down_block_types)
@@ -250,19 +249,18 @@ class UNetFamily(ModelFamily):
                     names[name] = local_prefix + name[len(prefix) :]
         return names
 
-    def build_block(self, config, index: int, local_index: int) -> nn.Module:
-        unet = build_unet(config)
-        return UNetMid(unet) if index == self.num_pairs(config) else UNetPair(unet, index)
+    def build_blocks(self, config, span: BlockSpan) -> list[nn.Module]:
+        return [
+            UNetMid(build_unet(config)) if index == self.num_pairs(config) else UNetPair(build_unet(config), index)
+            for index in span
+        ]
 
     def new_session_state(self, loaded: LoadedSpan, sub_span: BlockSpan, max_length: int) -> UNetState:
-        return UNetState()
-
-    def state_length(self, state: UNetState) -> int:
-        return 0  # a session holds conditioning, no positions
+        return UNetState()  # it holds conditioning, no positions: its length stays 0
 
     # Checking requests
 
-    def check_inputs(self, loaded: LoadedSpan, inputs: Tensors, state, max_length, sub_span: BlockSpan, phase=None):
+    def check_inputs(self, loaded: LoadedSpan, inputs: Tensors, state, max_length, sub_span: BlockSpan, phase):
         require(
             state is not None,
             "UNet blocks run in inference sessions: their skips stay on the server from the way down to the way back",
@@ -292,7 +290,7 @@ class UNetFamily(ModelFamily):
         require(emb.dtype == loaded.dtype, f"emb must be {loaded.dtype} on this server, got {emb.dtype}")
         if any(name in inputs for name in CONDITIONING):
             self._check_conditioning(loaded, inputs, blocks, batch)
-        encoder = inputs.get("encoder_hidden_states", state.encoder_hidden_states)
+        encoder = inputs.get("encoder_hidden_states", state.kept.get("encoder_hidden_states"))
         if any(block.has_cross_attention for block in blocks):
             require(encoder is not None, "these blocks need 'encoder_hidden_states' (in a session: when it starts)")
         if encoder is not None:
@@ -333,15 +331,13 @@ class UNetFamily(ModelFamily):
 
     # Running blocks
 
-    def forward(self, loaded: LoadedSpan, sub_span: BlockSpan, inputs: Tensors, state, phase=None) -> Tensors:
+    def forward(self, loaded: LoadedSpan, sub_span: BlockSpan, inputs: Tensors, state, phase) -> Tensors:
         if state is None:
             return self._measure(loaded, sub_span, inputs)
         if phase == UP:
             return {"sample": self._way_back(loaded, sub_span, inputs["sample"], state)}
         if any(name in inputs for name in CONDITIONING):
-            for name in CONDITIONING:
-                tensor = inputs.get(name)
-                setattr(state, name, tensor.to(loaded.device) if tensor is not None else None)
+            state.kept = {name: inputs[name].to(loaded.device) for name in CONDITIONING if inputs.get(name) is not None}
         return {"sample": self._way_down(loaded, sub_span, inputs["sample"], inputs["emb"], state)}
 
     def _way_down(self, loaded: LoadedSpan, sub_span: BlockSpan, sample, emb, state: UNetState) -> torch.Tensor:
@@ -367,7 +363,7 @@ class UNetFamily(ModelFamily):
     def _measure(self, loaded: LoadedSpan, span: BlockSpan, inputs: Tensors) -> Tensors:
         """Both halves of every hosted block, as a step would run them (the server measures its speed so).
         Without the mid block, the way back starts from zeros of the shape a deeper server would send."""
-        state = UNetState(**{name: inputs.get(name) for name in CONDITIONING})
+        state = UNetState(kept={name: inputs[name] for name in CONDITIONING if inputs.get(name) is not None})
         sample = self._way_down(loaded, span, inputs["sample"], inputs["emb"], state)
         if self.num_pairs(loaded.config) not in span:
             deepest, skips = loaded.blocks[-1], state.skips[span.end - 1]
@@ -393,24 +389,18 @@ class UNetFamily(ModelFamily):
     # Client side: the embeddings stay on the client; the rest of the pipeline (text encoder, VAE,
     # scheduler) is diffusers' own.
 
-    def client_tensor_names(self, config, checkpoint_names) -> list[str]:
-        return [name for name in checkpoint_names if name.split(".")[0] not in SERVER_MODULES]
+    def client_skeleton(self, config) -> nn.Module:
+        from accelerate import init_empty_weights
 
-    def build_client_modules(self, config) -> dict[str, nn.Module | None]:
-        """The embedding modules of `config`'s UNet (None where it has none), under their names in the UNet."""
-        unet = build_unet(config)
+        with init_empty_weights():
+            unet = build_unet(config)
         unknown = {name for name, _ in unet.named_children()} - set(SERVER_MODULES) - set(CLIENT_MODULES)
         if unknown:
             raise ConfigurationError(f"swarm does not know where the UNet's modules {sorted(unknown)} run")
-        return {name: getattr(unet, name, None) for name in CLIENT_MODULES}
+        return unet
 
-    def client_model(self, path, config, remote, dtype):
-        """The diffusers pipeline at `path` with its UNet in the swarm, or the distributed UNet alone when
-        `path` is the UNet's own folder."""
-        from swarm.client.diffusion import DistributedUNet2DConditionModel, distributed_pipeline
-
-        unet = DistributedUNet2DConditionModel.from_swarm(path, config, self, remote, dtype)
-        return distributed_pipeline(path, unet, dtype) if unet.pipeline_path is not None else unet
+    def client_removed(self, config) -> tuple[str, ...]:
+        return SERVER_MODULES
 
 
 def _cross_attention_width(blocks: list[nn.Module]) -> int | None:

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from swarm.errors import BadRequestError, ServerUnavailableError
-from swarm.models.base import LoadedSpan, ModelFamily, Tensors, require
+from swarm.models.base import LoadedSpan, ModelFamily, Tensors
+from swarm.models.checks import require
 from swarm.server.sessions import SessionManager
 from swarm.spans import BlockSpan
 from swarm.transport import ConnectionContext, Message
@@ -63,7 +64,7 @@ class RequestHandler:
 
     def rpc_forward(self, fields, tensors, context) -> None:
         sub_span = self._sub_span(fields)
-        self.family.check_inputs(self.loaded, tensors, None, None, sub_span)
+        self.family.check_inputs(self.loaded, tensors, None, None, sub_span, None)
         self._compute_and_reply(context, self._forward, sub_span, tensors)
 
     def rpc_open(self, fields, tensors, context) -> Message:
@@ -91,16 +92,13 @@ class RequestHandler:
         return {"closed": self.sessions.close(fields.get("session_id"))}, {}
 
     def _forward(self, sub_span: BlockSpan, tensors: Tensors) -> Message:
-        return {}, self.family.forward(self.loaded, sub_span, tensors, None)
+        return {}, self.family.forward(self.loaded, sub_span, tensors, None, None)
 
     def _step(self, session, phases: list[str | None], tensors: Tensors) -> Message:
         for phase in phases:
-            phase_argument = {} if phase is None else {"phase": phase}
-            self.family.check_inputs(
-                self.loaded, tensors, session.state, session.max_length, session.span, **phase_argument
-            )
-            tensors = self.family.forward(self.loaded, session.span, tensors, session.state, **phase_argument)
-        return {"length": self.family.state_length(session.state)}, tensors
+            self.family.check_inputs(self.loaded, tensors, session.state, session.max_length, session.span, phase)
+            tensors = self.family.forward(self.loaded, session.span, tensors, session.state, phase)
+        return {"length": session.state.length}, tensors
 
     def _compute_and_reply(self, context: ConnectionContext, compute, *args):
         """Runs `compute(*args)` on the compute thread, in inference mode, and sends the reply it makes from

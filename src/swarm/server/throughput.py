@@ -46,9 +46,9 @@ def measure(family: ModelFamily, loaded: LoadedSpan, repeats: int) -> float:
     inputs = family.example_inputs(loaded)
     best = math.inf
     with torch.inference_mode():
-        family.forward(loaded, loaded.span, inputs, None)
+        family.forward(loaded, loaded.span, inputs, None, None)
         for _ in range(repeats):
             started = time.perf_counter()
-            family.forward(loaded, loaded.span, inputs, None)
+            family.forward(loaded, loaded.span, inputs, None, None)
             best = min(best, time.perf_counter() - started)
     return max(best, 1e-6)
