@@ -29,6 +29,21 @@ def assert_same_generation(remote, local):
         torch.testing.assert_close(remote_logits, local_logits, atol=ATOL, rtol=0)
 
 
+def assert_padded_batch_matches(model, local, input_ids, **generate_kwargs):
+    """Left-pads rows 0 and 2 of `input_ids` (by 3 and 1 tokens), then compares the logits of every position and a
+    generation with the local model."""
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0
+    attention_mask[2, :1] = 0
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    with torch.no_grad():
+        remote_logits = model(input_ids, attention_mask=attention_mask).logits
+        local_logits = local(input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(remote_logits, local_logits, atol=ATOL, rtol=0)
+    remote, expected = generate_both(model, local, input_ids, attention_mask=attention_mask, **generate_kwargs)
+    assert_same_generation(remote, expected)
+
+
 def make_tiny_llama(directory, **overrides):
     """A random Llama with uneven dimensions and grouped KV heads whose greedy tokens vary."""
     settings = dict(

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from swarm import AutoDistributedModel
 from swarm.errors import UnsupportedModelError
 from swarm.launch import LocalSwarm
-from tests.conftest import ATOL, assert_same_generation, generate_both
+from tests.conftest import ATOL, assert_padded_batch_matches, assert_same_generation, generate_both
 from tests.test_server import run_server_cli
 
 VOCAB = 97
@@ -104,17 +104,7 @@ def test_seeded_sampling_matches_local(served):
 
 def test_left_padded_batch_matches_local(served):
     model, local = served
-    input_ids = random_ids(3, 9, seed=4)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[0, :3] = 0
-    attention_mask[2, :1] = 0
-    input_ids[attention_mask == 0] = 0
-    with torch.no_grad():
-        remote_logits = model(input_ids, attention_mask=attention_mask).logits
-        local_logits = local(input_ids, attention_mask=attention_mask).logits
-    torch.testing.assert_close(remote_logits, local_logits, atol=ATOL, rtol=0)
-    remote, expected = generate_both(model, local, input_ids, attention_mask=attention_mask, max_new_tokens=8, min_new_tokens=8)
-    assert_same_generation(remote, expected)
+    assert_padded_batch_matches(model, local, random_ids(3, 9, seed=4), max_new_tokens=8, min_new_tokens=8)
 
 
 def test_beam_search_matches_local(served):

@@ -9,7 +9,7 @@ import torch
 
 from swarm import AutoDistributedModel
 from swarm.launch import LocalSwarm
-from tests.conftest import ATOL, assert_same_generation, generate_both
+from tests.conftest import ATOL, assert_padded_batch_matches, assert_same_generation, generate_both
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +49,7 @@ def test_greedy_and_logits_match_local(swarm_fixture, tiny_llama, local_tiny_lla
 
 
 def test_left_padded_batch(model_3, local_tiny_llama):
-    input_ids = random_ids(3, 8, seed=2)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[0, :3] = 0
-    attention_mask[2, :1] = 0
-    input_ids[attention_mask == 0] = 0
-    with torch.no_grad():
-        remote_logits = model_3(input_ids, attention_mask=attention_mask).logits
-        local_logits = local_tiny_llama(input_ids, attention_mask=attention_mask).logits
-    torch.testing.assert_close(remote_logits, local_logits, atol=ATOL, rtol=0)
-    remote, local = generate_both(model_3, local_tiny_llama, input_ids, attention_mask=attention_mask)
-    assert_same_generation(remote, local)
+    assert_padded_batch_matches(model_3, local_tiny_llama, random_ids(3, 8, seed=2))
 
 
 def test_seeded_sampling_matches_local(model_3, local_tiny_llama):

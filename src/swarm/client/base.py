@@ -26,7 +26,7 @@ from transformers import GenerationConfig
 from swarm.checkpoint import CheckpointIndex
 from swarm.client.remote import RemoteBlocks
 from swarm.client.session import InferenceSession
-from swarm.errors import ConfigurationError
+from swarm.errors import ConfigurationError, UnsupportedModelError
 from swarm.models.base import ClientStack, ModelFamily
 from swarm.spans import BlockSpan
 
@@ -137,6 +137,10 @@ class RemoteStack(nn.Module):
         session = model.step_session() if self.runs_sessions else None
         tokens, tensors = hidden_states.shape[1], {"hidden_states": hidden_states}
         for name, value in values.items():
+            if isinstance(value, torch.Tensor) and name in MASKS and value.ndim != 2:
+                raise UnsupportedModelError(
+                    getattr(model.config, "model_type", None), f"its forward gives its blocks a prepared {name}"
+                )
             if not isinstance(value, torch.Tensor) or (name in MASKS and bool(value.all())):
                 continue  # servers read a missing mask as all ones
             if session is not None and name in PER_POSITION:

@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from swarm.checkpoint import load_model_config, model_name_of, resolve_model_path
 from swarm.client.config import ClientConfig

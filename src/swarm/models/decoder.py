@@ -1,6 +1,6 @@
 """Decoder-only causal LMs, served with no file of their own: any `*ForCausalLM` whose blocks are one list of layers.
 
-The model's own class (`AutoModelForCausalLM.from_config`, on the meta device) tells everything: where its
+The model's own class, built on the meta device, tells everything (`swarm.models.layout` reads it): where its
 layers are (`model.layers`, `transformer.h`, `gpt_neox.layers`, `model.decoder.layers`), its rotary embedding
 module if it has one, the keywords its layers take, and the attention implementation it supports. A server
 takes its blocks from that model, so each keeps its global layer index (which decides its structure: sliding
@@ -23,32 +23,24 @@ family is registered (`swarm.models.FAMILIES`).
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, DynamicCache
-from transformers.cache_utils import get_layer_types_and_kwargs
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from swarm.errors import UnsupportedModelError
 from swarm.models.base import ClientStack, LoadedSpan, ModelFamily, Tensors
 from swarm.models.checks import check_hidden_states, check_mask, check_names, check_position_ids, require
+from swarm.models.layout import DecoderLayout, build_model, read_layout
 from swarm.models.state import SequenceState
 from swarm.spans import BlockSpan
 
 logger = logging.getLogger(__name__)
 
 MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-CACHE_KEYWORDS = ("cache", "layer_past", "past_key_values")  # what layers of different ages call their cache
-# the arguments a server gives a layer; a layer that requires any other one is not served
-KNOWN_ARGUMENTS = {"hidden_states", "attention_mask", "position_embeddings", "position_ids", "use_cache", "alibi"}
 INPUTS = {"hidden_states", "position_ids", "attention_mask", "hypo_ids"}
 
 # position_bias(config, hidden, mask, cache, positions, past, layer_idx, masks) -> (masks, alibi): a model whose
@@ -57,19 +49,6 @@ PositionBias = Callable[..., tuple[dict, torch.Tensor | None]]
 # fast_layer_forward(layer, hidden_states, attention_mask, position_embeddings, position_ids, cache) -> what
 # `layer(...)` returns, computed with less overhead (see `swarm.models.llama`)
 FastForward = Callable[..., torch.Tensor]
-
-
-@dataclass(frozen=True)
-class DecoderLayout:
-    """Where a causal LM keeps its parts and how its layers are called, read off its own class."""
-
-    layers: str  # the nn.ModuleList of layers ("model.layers", "transformer.h", ...)
-    rotary: str | None  # the rotary embedding module, None for learned or alibi positions
-    rotary_per_layer_type: bool  # the rotary module takes a layer type (gemma3: one base per attention type)
-    layer_types: tuple[str, ...]  # every layer's attention type, as transformers' caches see them
-    parameters: frozenset[str]  # what a layer's forward takes
-    cache_keyword: str  # the name it takes its cache by
-    rename: Callable[[str], str]  # checkpoint tensor name -> the model's own, by transformers' loading rules
 
 
 class DecoderFamily(ModelFamily):
@@ -91,57 +70,9 @@ class DecoderFamily(ModelFamily):
     def layout(self, config) -> DecoderLayout:
         """The layout of `config`'s model (read once per config object), or `UnsupportedModelError`."""
         if id(config) not in self._layouts:
-            self._layouts[id(config)] = (config, self._read_layout(config))
+            layout = read_layout(config, self.position_bias is not None, self.convert_tensors is not None)
+            self._layouts[id(config)] = (config, layout)
         return self._layouts[id(config)][1]
-
-    def _read_layout(self, config) -> DecoderLayout:
-        model_type = getattr(config, "model_type", None)
-        model = build_model(config)
-        count = getattr(config, "num_hidden_layers", None)
-        stacks = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module) == count]
-        if len(stacks) != 1:
-            raise UnsupportedModelError(model_type, f"swarm finds no single list of its {count} layers in {type(model).__name__}")
-        layers = model.get_submodule(stacks[0])
-        owner = model.get_submodule(stacks[0].rpartition(".")[0])
-        if len({type(layer) for layer in layers}) != 1:
-            raise UnsupportedModelError(model_type, "its layers are of several classes")
-        conversions = get_model_conversion_mapping(model)
-        signature = inspect.signature(type(layers[0]).forward)
-        parameters = frozenset(signature.parameters) - {"self"}
-        required = {
-            name
-            for name, parameter in signature.parameters.items()
-            if parameter.default is parameter.empty and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
-        } - {"self"}
-        cache_keyword = next((name for name in CACHE_KEYWORDS if name in parameters), None)
-        rotary = getattr(owner, "rotary_emb", None)
-        problems = [
-            f"its layers require {sorted(required - KNOWN_ARGUMENTS)}" if required - KNOWN_ARGUMENTS else None,
-            "its layers take no cache" if cache_keyword is None else None,
-            "its layers take rotary embeddings but it has no rotary_emb module"
-            if "position_embeddings" in parameters and rotary is None
-            else None,
-            "its layers take alibi biases that swarm cannot compute for it"
-            if "alibi" in parameters and self.position_bias is None
-            else None,
-            "transformers converts its checkpoints when it loads them (fused experts)"
-            if self.convert_tensors is None and any(isinstance(rule, WeightConverter) for rule in conversions)
-            else None,
-        ]
-        layer_types = tuple(get_layer_types_and_kwargs(config)[0])
-        problems += [f"layers of type {kind!r}" for kind in sorted(set(layer_types) - set(MASKS))]
-        if any(problems):
-            raise UnsupportedModelError(model_type, "swarm cannot serve it: " + "; ".join(filter(None, problems)))
-        config._attn_implementation = model.config._attn_implementation  # what the class supports (eager for gemma2)
-        return DecoderLayout(
-            layers=stacks[0],
-            rotary=f"{stacks[0].rpartition('.')[0]}.rotary_emb" if rotary is not None else None,
-            rotary_per_layer_type="layer_type" in inspect.signature(type(rotary).forward).parameters if rotary else False,
-            layer_types=layer_types,
-            parameters=parameters,
-            cache_keyword=cache_keyword,
-            rename=checkpoint_renamer(model, [rule for rule in conversions if isinstance(rule, WeightRenaming)]),
-        )
 
     # The model and its blocks
 
@@ -298,27 +229,3 @@ class DecoderFamily(ModelFamily):
         """Every tensor outside the layers, under the name transformers loads it as."""
         layout = self.layout(config)
         return {name: renamed for name in checkpoint_names if not (renamed := layout.rename(name)).startswith(f"{layout.layers}.")}
-
-
-def build_model(config) -> nn.Module:
-    """`config`'s causal LM on the meta device (its non-persistent buffers, such as rotary frequencies, are real)."""
-    from accelerate import init_empty_weights
-
-    try:
-        with init_empty_weights():
-            return AutoModelForCausalLM.from_config(config)
-    except ValueError as error:
-        raise UnsupportedModelError(getattr(config, "model_type", None), f"transformers has no causal LM for it ({error})") from None
-
-
-def checkpoint_renamer(model: nn.Module, renamings: list[WeightRenaming]) -> Callable[[str], str]:
-    """Checkpoint name -> `model`'s parameter name, as transformers renames them when it loads a checkpoint: its
-    renaming rules (`embed_out` -> `lm_head` in GPT-NeoX, legacy `gamma`/`beta`, ...), and the base model's prefix
-    added or dropped (`h.0.*` -> `transformer.h.0.*` in GPT-2's own checkpoints)."""
-    names = dict.fromkeys(model.state_dict(), True)
-
-    @functools.cache
-    def rename(name: str) -> str:
-        return rename_source_key(name, renamings, [], model.base_model_prefix, names)[0]
-
-    return rename
