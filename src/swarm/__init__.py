@@ -3,13 +3,17 @@
     from swarm import AutoDistributedModel
     model = AutoDistributedModel.from_pretrained("path/to/model", initial_peers=[...])
 
-`AutoDistributedModel` is imported on first use, so that a server (`python -m swarm.server`) does not load the
-client's dependencies.
+`swarm.publish(model_dir, name, initial_peers=[...])` publishes a model to the swarm and seeds it;
+`swarm.fetch(name, initial_peers=[...], output=DIR)` downloads one (see those modules, also command lines).
+They and `AutoDistributedModel` are imported on first use, so that a server (`python -m swarm.server`) does not
+load the client's dependencies.
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["AutoDistributedModel", "__version__"]
+__all__ = ["AutoDistributedModel", "fetch", "publish", "__version__"]
 
 
 def __getattr__(name: str):
@@ -17,4 +21,6 @@ def __getattr__(name: str):
         from swarm.client.auto import AutoDistributedModel
 
         return AutoDistributedModel
+    if name in ("publish", "fetch"):
+        return importlib.import_module(f"swarm.{name}")  # a callable module
     raise AttributeError(f"module 'swarm' has no attribute {name!r}")

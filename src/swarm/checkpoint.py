@@ -68,6 +68,17 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
         ) from None
 
 
+def local_model_path(name_or_path: str | os.PathLike) -> Path | None:
+    """The local directory of a model (as `resolve_model_path`), or None when `name_or_path` is neither a path on
+    this disk nor a repo id in the local Hugging Face cache: then it may name a model published in the swarm."""
+    if Path(name_or_path).expanduser().exists():
+        return resolve_model_path(name_or_path)
+    try:
+        return resolve_model_path(name_or_path)
+    except ConfigurationError:
+        return None
+
+
 def model_name_of(name_or_path: str | os.PathLike) -> str:
     """The name a model goes by in the swarm: a repo id as is, a local directory by its base name, and a
     component folder of a diffusers pipeline by the pipeline's name (so `sd/unet` and `sd` serve one model)."""

@@ -128,10 +128,10 @@ def start_bootstrap(host: str = "127.0.0.1", timeout: float = 60.0, **kwargs) ->
 
 
 def launch_server(
-    model: str | Path, blocks: str | None, initial_peers: list[str], *extra_args: str, **kwargs
+    model: str | Path, blocks: str | None, initial_peers: list[str], *extra_args: str, host: str = "127.0.0.1", **kwargs
 ) -> PeerProcess:
-    """Starts `python -m swarm.server` on 127.0.0.1 without waiting for it."""
-    args = ["-m", "swarm.server", str(model), "--host", "127.0.0.1", "--initial-peers", *initial_peers]
+    """Starts `python -m swarm.server` on `host` (a loopback address by default) without waiting for it."""
+    args = ["-m", "swarm.server", str(model), "--host", host, "--initial-peers", *initial_peers]
     if blocks is not None:
         args += ["--blocks", blocks]
     return PeerProcess(args + list(extra_args), name=f"server {blocks or 'all'}", **kwargs)

@@ -72,6 +72,18 @@ class ServerRecord:
         return record if valid else None
 
 
+def reachable_host(host: str, announce_host: str | None, visible_maddrs: list[str]) -> str:
+    """The address others should dial: `announce_host`, else `host` unless it is a wildcard, else the first
+    visible IPv4 address of the DHT (not a loopback one if there is another)."""
+    if announce_host:
+        return announce_host
+    if host not in ("0.0.0.0", "::"):
+        return host
+    hosts = [maddr.split("/")[2] for maddr in visible_maddrs if maddr.startswith("/ip4/")]
+    public = [candidate for candidate in hosts if not candidate.startswith("127.")]
+    return (public or hosts or ["127.0.0.1"])[0]
+
+
 def block_key(model_name: str, block: int) -> str:
     return f"{model_name}.block{block}"
 
@@ -100,6 +112,11 @@ async def _store_many(dht: DHT, node: DHTNode, keys: list, values: list, subkeys
 async def _get_many(dht: DHT, node: DHTNode, keys: list) -> dict:
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
     return {key: found.get(key) for key in keys}
+
+
+def list_model(dht: DHT, model_name: str, num_blocks: int, ttl: float) -> bool:
+    """Lists a model in the registry without serving any block (a peer that only seeds its files)."""
+    return dht.store(MODELS_KEY, {"num_blocks": num_blocks}, get_dht_time() + ttl, subkey=model_name)
 
 
 def fetch_models(dht: DHT) -> dict[str, int]:

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 import hivemind
 
+from swarm.distribution.manifest import ManifestError
+from swarm.distribution.records import fetch_announcements, fetch_seeders, key_id
 from swarm.errors import _ranges
 from swarm.records import ServerState, fetch_models, fetch_records
 from swarm.transport import Connection
@@ -35,12 +37,31 @@ class ServerStatus:
 
 
 @dataclass
+class SeederStatus:
+    peer_id: str
+    address: str  # its libtorrent address
+    blocks: list[list[int]]  # half-open [start, end) runs of the blocks whose files it seeds whole
+    client_files: bool  # whether it seeds every file a client needs
+    files: int  # files it seeds
+
+
+@dataclass
+class PublicationStatus:
+    info_hash: str
+    publisher: str  # the publisher's key id
+    published_at: float
+    total_bytes: int
+    seeders: list[SeederStatus] = field(default_factory=list)
+
+
+@dataclass
 class ModelStatus:
     name: str
     num_blocks: int
     servers: list[ServerStatus] = field(default_factory=list)
     coverage: list[int] = field(default_factory=list)  # online servers per block
     uncovered: list[list[int]] = field(default_factory=list)  # half-open [start, end) runs nobody serves online
+    publications: list[PublicationStatus] = field(default_factory=list)  # its files in the swarm, and their seeders
 
 
 @dataclass
@@ -79,7 +100,27 @@ def model_status(dht: hivemind.DHT, name: str, num_blocks: int, ping_timeout: fl
     online = [s for s in servers if s.state == ServerState.ONLINE.value and s.latency_ms is not None]
     coverage = [sum(s.start <= block < s.end for s in online) for block in range(num_blocks)]
     uncovered = [list(run) for run in _ranges([block for block, count in enumerate(coverage) if count == 0])]
-    return ModelStatus(name, num_blocks, servers, coverage, uncovered)
+    return ModelStatus(name, num_blocks, servers, coverage, uncovered, publication_status(dht, name))
+
+
+def publication_status(dht: hivemind.DHT, name: str) -> list[PublicationStatus]:
+    """Each publication of `name` whose signature checks, with the peers seeding its files."""
+    publications = []
+    for announcement in fetch_announcements(dht, name):
+        try:
+            manifest = announcement.checked_manifest()
+        except ManifestError:
+            continue
+        seeders = []
+        for seeder in sorted(fetch_seeders(dht, announcement.info_hash), key=lambda seeder: seeder.address):
+            held = set(seeder.files)
+            blocks = [block for block, whole in manifest.block_files(held.__contains__).items() if whole]
+            client = set(manifest.client_files()) <= held
+            seeders.append(SeederStatus(seeder.peer_id, seeder.address, [list(run) for run in _ranges(blocks)], client, len(held)))
+        publications.append(
+            PublicationStatus(announcement.info_hash, key_id(announcement.publisher), announcement.published_at, manifest.total_bytes, seeders)
+        )
+    return publications
 
 
 def ping(address: str, timeout: float) -> float | None:
@@ -114,6 +155,15 @@ def format_status(status: SwarmStatus) -> str:
             lines.append(f"  UNCOVERED blocks: {spans}")
         else:
             lines.append("  every block is covered")
+        for publication in model.publications:
+            lines.append(
+                f"  published as {publication.info_hash[:16]} by {publication.publisher[:8]} "
+                f"({publication.total_bytes / 2**20:.1f} MiB), seeded by {len(publication.seeders)} peer(s):"
+            )
+            for seeder in publication.seeders:
+                blocks = ", ".join(f"{start}:{end}" for start, end in seeder.blocks) or "-"
+                client = "client files" if seeder.client_files else ""
+                lines.append(f"    {seeder.peer_id[-8:]:<10} {seeder.address:<22} blocks {blocks:<12} {seeder.files:>4} files  {client}")
     return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ class AutoDistributedModel:
         coverage_timeout: float | None = None,
         step_timeout: float | None = None,
         client_config: ClientConfig | None = None,
+        cache_dir: str | os.PathLike | None = None,
     ):
         """Loads only the client-side weights of `name_or_path` and finds servers for its blocks.
 
@@ -40,7 +41,8 @@ class AutoDistributedModel:
         diffusers pipeline folder, the pipeline with its UNet in the swarm (its other components run here).
         Waits up to `coverage_timeout` seconds for the swarm to cover every block, then raises
         `MissingBlocksError` naming the blocks that no server hosts; a model swarm cannot cut raises
-        `UnsupportedModelError`.
+        `UnsupportedModelError`. A `name_or_path` that is neither on this disk nor in the local Hugging Face
+        cache names a model published in the swarm: only its client-side files are fetched, into `cache_dir`.
         """
         model = connect(
             name_or_path,
@@ -49,6 +51,7 @@ class AutoDistributedModel:
             coverage_timeout=coverage_timeout,
             step_timeout=step_timeout,
             client_config=client_config,
+            cache_dir=cache_dir,
         )
         try:
             client_class = CLIENT_KINDS[model.family.client_kind]

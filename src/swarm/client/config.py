@@ -22,3 +22,5 @@ class ClientConfig:
     pinned_peers: set[str] = field(default_factory=set)  # peer ids to use wherever they serve a block
     excluded_peers: set[str] = field(default_factory=set)  # peer ids never to use
     retry: RetryPolicy = field(default_factory=RetryPolicy)  # how failed requests are retried elsewhere
+    torrent_host: str = "0.0.0.0"  # interface libtorrent listens on while fetching a model published in the swarm
+    fetch_timeout: float = 600.0  # seconds fetching a published model's client-side files may take

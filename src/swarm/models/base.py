@@ -158,6 +158,10 @@ class ModelFamily(ABC):
         """Other modules of `client_skeleton` whose work the swarm does (the client drops them)."""
         return ()
 
+    def shared_tensor_names(self, config, checkpoint_names: Iterable[str]) -> list[str]:
+        """Tensors that every server of a stage needs besides its blocks' own (published in one shared file)."""
+        return []
+
     def client_tensor_names(self, config, checkpoint_names: Iterable[str]) -> dict[str, str]:
         """Checkpoint name -> name in the client model, for every tensor the client loads. By default every
         tensor that no block holds, under its own name."""

@@ -32,6 +32,7 @@ from swarm.spans import BlockSpan
 
 ENCODER, DECODER = "encoder", "decoder"
 KEPT = ("encoder_hidden_states", "encoder_attention_mask")  # what a decoder session keeps from its first step
+RELATIVE_BIAS = "{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"  # every server of a stack needs it
 
 
 class T5Family(ModelFamily):
@@ -72,6 +73,9 @@ class T5Family(ModelFamily):
             blocks.append(T5Block(stack_config, has_relative_attention_bias=position == 0, layer_idx=position))
         return blocks
 
+    def shared_tensor_names(self, config, checkpoint_names) -> list[str]:
+        return [RELATIVE_BIAS.format(stack=stack) for stack in (ENCODER, DECODER)]
+
     def build_helpers(self, config, device, checkpoint, span: BlockSpan):
         """For each stack the span touches, an attention module holding only its relative position bias."""
         from accelerate import init_empty_weights
@@ -80,7 +84,7 @@ class T5Family(ModelFamily):
         for stack in {self.stack_of(config, index)[0] for index in span}:
             with init_empty_weights():
                 attention = T5Attention(self.stack_config(config, stack), has_relative_attention_bias=True, layer_idx=0)
-            name = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+            name = RELATIVE_BIAS.format(stack=stack)
             weight = checkpoint.load([name])[name]
             attention.relative_attention_bias.weight = torch.nn.Parameter(weight.to(device), requires_grad=False)
             helpers[stack] = attention

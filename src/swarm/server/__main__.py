@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import torch
 
@@ -41,7 +42,11 @@ def memory_argument(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser = argparse.ArgumentParser(prog="python -m swarm.server", description="Serve a span of a model's blocks.")
-    parser.add_argument("model", help="model directory in Hugging Face layout, or a repo id in the local HF cache")
+    parser.add_argument(
+        "model",
+        help="model directory in Hugging Face layout, a repo id in the local HF cache, or the NAME (or NAME@INFOHASH) "
+        "of a model published in the swarm, of which only the files this server needs are fetched",
+    )
     span = parser.add_mutually_exclusive_group()
     span.add_argument("--blocks", type=span_argument, help="half-open span START:END to host")
     span.add_argument("--num-blocks", type=int, help="host this many consecutive blocks, those the swarm serves least")
@@ -71,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument(
         "--shutdown-grace", type=float, default=5.0, help="seconds active sessions may finish after SIGTERM"
     )
+    parser.add_argument("--cache-dir", type=Path, help="where a fetched model goes (default ~/.cache/swarm/models/NAME-<hash>)")
+    parser.add_argument("--publish", metavar="NAME", help="publish the local model under NAME and seed it")
+    parser.add_argument("--torrent-port", type=int, default=0, help="libtorrent port for fetching and seeding (default: any)")
+    parser.add_argument("--identity", type=Path, help="publisher key file (default ~/.cache/swarm/identity.key)")
     args = parser.parse_args(argv)
     return ServerConfig(
         model=args.model,
@@ -92,6 +101,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         announce_period=args.announce_period,
         record_ttl=args.record_ttl,
         shutdown_grace=args.shutdown_grace,
+        cache_dir=args.cache_dir,
+        publish=args.publish,
+        torrent_port=args.torrent_port,
+        identity=args.identity,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -31,3 +32,9 @@ class ServerConfig:
     announce_period: float = 30.0  # seconds between re-announcements in the DHT (each one wakes every DHT peer)
     record_ttl: float = 90.0  # seconds a record lives unless re-announced
     shutdown_grace: float = 5.0  # seconds active sessions may finish after SIGTERM before the server exits
+    # model distribution (swarm.distribution): a model that is not on this disk is fetched from the swarm by name
+    cache_dir: Path | None = None  # where a fetched model's files go (default ~/.cache/swarm/models/NAME-<hash>);
+    # with `publish`, where the published split is written (default ~/.cache/swarm/published/NAME)
+    publish: str | None = None  # publish the local model under this name and seed it
+    torrent_port: int = 0  # libtorrent's port when fetching or publishing; 0 picks a free one
+    identity: Path | None = None  # the publisher's key file (default ~/.cache/swarm/identity.key)

@@ -6,19 +6,22 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import hivemind
 import psutil
 from tqdm.auto import tqdm
 
 from swarm import __version__
-from swarm.checkpoint import CheckpointIndex, load_model_config, model_name_of, resolve_model_path
+from swarm.checkpoint import CheckpointIndex, load_model_config, local_model_path, model_name_of
 from swarm.errors import ConfigurationError, ServerUnavailableError
 from swarm.models import FAMILIES, family_for
 from swarm.models.base import LoadedSpan, load_span
-from swarm.records import ServerRecord, ServerState, announce, fetch_records
+from swarm.distribution.fetch import split_pin
+from swarm.records import ServerRecord, ServerState, announce, fetch_records, reachable_host
 from swarm.server.block_selection import block_capacities, blocks_that_fit, choose_span, should_move
 from swarm.server.config import ServerConfig
+from swarm.server.files import ServedFiles, open_served_files
 from swarm.server.handlers import RequestHandler
 from swarm.server.sessions import SessionManager
 from swarm.server.throughput import seconds_per_block
@@ -35,21 +38,18 @@ PROCESS_RESERVE = 1 << 30  # bytes kept for the process itself when the span is 
 class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.path = resolve_model_path(config.model)
-        self.model_name = config.model_name or model_name_of(config.model)
-        model_config, self.weights_path = load_model_config(self.path, FAMILIES)
-        self.family = family_for(model_config)
-        self.model_config = self.family.prepare_config(model_config)
-        self.num_blocks = self.family.num_blocks(self.model_config)
-        if config.blocks is not None and config.blocks.end > self.num_blocks:
-            raise ConfigurationError(
-                f"blocks {config.blocks} are outside the model, which has blocks 0:{self.num_blocks}"
-            )
-        if config.num_blocks is not None and not 0 < config.num_blocks <= self.num_blocks:
-            raise ConfigurationError(f"--num-blocks must be between 1 and {self.num_blocks}, got {config.num_blocks}")
         if not config.initial_peers and not config.new_swarm:
             raise ConfigurationError("pass --initial-peers to join a swarm, or --new-swarm to start one")
-        self.checkpoint = CheckpointIndex(self.weights_path)
+        self.local_path = local_model_path(config.model)
+        if self.local_path is None and not config.initial_peers:
+            raise ConfigurationError(
+                f"{config.model!r} is neither a local model directory nor a repo id in the local Hugging Face cache, "
+                "and a new swarm has no published model to fetch it from"
+            )
+        self.model_name = config.model_name or config.publish or model_name_of(split_pin(config.model)[0])
+        if self.local_path is not None:
+            self._open_model(self.local_path)
+        self.files: ServedFiles | None = None
         self.stop_requested = threading.Event()
         self.dht: hivemind.DHT | None = None
         self.transport: TensorServer | None = None
@@ -73,6 +73,7 @@ class Server:
                 if now - last_announce >= self.config.announce_period:
                     last_announce = now
                     self._announce(ServerState.ONLINE)
+                    self.files.announce()
                 if self._chooses_span and now - last_rebalance >= self.config.rebalance_period:
                     last_rebalance = now
                     self._rebalance()
@@ -83,6 +84,20 @@ class Server:
     def _chooses_span(self) -> bool:
         return self.config.blocks is None and self.config.rebalance_period > 0
 
+    def _open_model(self, path: Path):
+        """Reads the configuration of the model at `path` and checks the span asked for against it."""
+        self.path = path
+        model_config, self.weights_path = load_model_config(path, FAMILIES)
+        self.family = family_for(model_config)
+        self.model_config = self.family.prepare_config(model_config)
+        self.num_blocks = self.family.num_blocks(self.model_config)
+        blocks, num_blocks = self.config.blocks, self.config.num_blocks
+        if blocks is not None and blocks.end > self.num_blocks:
+            raise ConfigurationError(f"blocks {blocks} are outside the model, which has blocks 0:{self.num_blocks}")
+        if num_blocks is not None and not 0 < num_blocks <= self.num_blocks:
+            raise ConfigurationError(f"--num-blocks must be between 1 and {self.num_blocks}, got {num_blocks}")
+        self.checkpoint = CheckpointIndex(self.weights_path)
+
     def _start(self):
         config = self.config
         self.dht = hivemind.DHT(
@@ -91,8 +106,12 @@ class Server:
         self.visible_maddrs = [str(maddr) for maddr in self.dht.get_visible_maddrs()]
         if config.new_swarm:
             print("To join this swarm, use --initial-peers " + " ".join(self.visible_maddrs), flush=True)
+        host = reachable_host(config.host, config.announce_host, self.visible_maddrs)
+        self.files = open_served_files(config, self.dht, self.local_path, host)
+        if self.local_path is None:
+            self._open_model(self.files.path)
         self.transport = TensorServer(config.host, config.transport_port, self._handle)
-        self.address = f"{self._announce_host()}:{self.transport.port}"
+        self.address = f"{host}:{self.transport.port}"
         self.span = self._initial_span()
         self._serve_span(self.span)
         self.transport.start()
@@ -122,7 +141,9 @@ class Server:
 
     def _block_bytes(self, index: int) -> int:
         names = self.family.block_tensor_names(self.model_config, index, self.checkpoint.file_of)
-        return self.checkpoint.nbytes(list(names), self.config.dtype)
+        if all(self.checkpoint.file_of[name].is_file() for name in names):
+            return self.checkpoint.nbytes(list(names), self.config.dtype)
+        return self.files.stored_block_bytes(index)  # not fetched yet: its size as published
 
     def _fetch_records(self) -> list[list[ServerRecord]]:
         return fetch_records(self.dht, self.model_name, self.num_blocks)
@@ -131,6 +152,7 @@ class Server:
         """Announces `span` as joining, loads it, measures it, and starts serving it."""
         self.span, self.throughput = span, 0.0
         self._announce(ServerState.JOINING)
+        self.files.fetch_blocks(span)
         loaded = self.compute.submit(self._load_blocks, span).result()
         seconds = self.compute.submit(seconds_per_block, self.family, loaded, self.model_name).result()
         self.throughput = 1.0 / (seconds * len(span))
@@ -167,15 +189,6 @@ class Server:
                 self.family, self.model_config, self.checkpoint, span, self.config.dtype, self.config.device, progress
             )
 
-    def _announce_host(self) -> str:
-        if self.config.announce_host:
-            return self.config.announce_host
-        if self.config.host not in ("0.0.0.0", "::"):
-            return self.config.host
-        hosts = [maddr.split("/")[2] for maddr in self.visible_maddrs if maddr.startswith("/ip4/")]
-        public = [host for host in hosts if not host.startswith("127.")]
-        return (public or hosts or ["127.0.0.1"])[0]
-
     def _announce(self, state: ServerState):
         record = ServerRecord(
             peer_id=str(self.dht.peer_id),
@@ -204,6 +217,8 @@ class Server:
             while handler is not None and len(handler.sessions) and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.transport.stop()
+        if self.files is not None:
+            self.files.close()
         if self.dht is not None:
             self.dht.shutdown()
         self.compute.shutdown(wait=False, cancel_futures=True)
