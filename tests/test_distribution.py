@@ -105,15 +105,15 @@ def test_split_layout_is_a_checkpoint_with_one_file_per_block(publisher, origina
 
 def test_servers_fetch_only_their_blocks_and_generate_like_the_local_model(fetching_servers, original, bootstrap_peers, tmp_path):
     _, caches = fetching_servers
-    everywhere = {"model/client.safetensors", "model/config.json", "model/generation_config.json", "model/model.safetensors.index.json"}
+    everywhere = {"client.safetensors", "config.json", "generation_config.json", "model.safetensors.index.json"}
     for span, cache in zip(SPANS, caches):
         start, end = map(int, span.split(":"))
-        blocks = {f"model/block-{block:05d}.safetensors" for block in range(start, end)}
-        assert files_under(cache) - {"swarm-announcement.json"} == everywhere | blocks
+        blocks = {f"block-{block:05d}.safetensors" for block in range(start, end)}
+        assert files_under(cache) - {".swarm-announcement.json"} == everywhere | blocks
     config = ClientConfig(torrent_host="127.0.0.9")
     model = AutoDistributedModel.from_pretrained(NAME, initial_peers=bootstrap_peers, cache_dir=tmp_path, client_config=config)
     try:
-        assert not any(path.startswith("model/block-") for path in files_under(tmp_path))
+        assert not any(path.startswith("block-") for path in files_under(tmp_path))
         local = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32)
         input_ids = torch.tensor([[5, 6, 7, 8, 9]])
         with torch.no_grad():
@@ -146,13 +146,19 @@ def test_after_the_publisher_leaves_a_new_peer_fetches_everything(fetching_serve
 
 
 @pytest.fixture(scope="module")
-def seeded(original, bootstrap_peers, tmp_path_factory):
-    """A second publication (upload limited to 100 kB/s, so that downloads take seconds), seeded in this process
+def slow_original(tmp_path_factory):
+    """Another model (the same model split the same way is the same torrent, which the servers above seed)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-slow", intermediate_size=131)
+
+
+@pytest.fixture(scope="module")
+def seeded(slow_original, bootstrap_peers, tmp_path_factory):
+    """It, published with an upload limit of 150 kB/s (so that downloads take seconds), seeded in this process
     from 127.0.0.20."""
     work = tmp_path_factory.mktemp("slow")
     publisher = swarm.publish(
-        original, "tiny-slow", bootstrap_peers, host="127.0.0.20", work_dir=work, identity=work / "identity.key",
-        upload_rate_limit=100_000,
+        slow_original, "tiny-slow", bootstrap_peers, host="127.0.0.20", work_dir=work, identity=work / "identity.key",
+        upload_rate_limit=150_000,
     )  # fmt: skip
     yield publisher
     publisher.stop()
@@ -162,12 +168,12 @@ def download(dht, name: str, host: str, destination: Path):
     session = TorrentSession(host)
     try:
         fetched = fetch_files(dht, session, name, lambda manifest: sorted(manifest.files), destination, timeout=120)
-        return fetched, fetched.torrent.banned, fetched.torrent.hash_failures
+        return fetched, set(fetched.torrent.ban_counts), fetched.torrent.hash_failures
     finally:
         session.close()
 
 
-def test_a_corrupt_seeder_is_banned_and_the_download_completes(seeded, dht_client, original, tmp_path):
+def test_a_corrupt_seeder_is_banned_and_the_download_completes(seeded, dht_client, slow_original, tmp_path):
     corrupt = tmp_path / "corrupt"
     shutil.copytree(seeded.published.path, corrupt / "model")
     liar = TorrentSession("127.0.0.21")
@@ -186,13 +192,13 @@ def test_a_corrupt_seeder_is_banned_and_the_download_completes(seeded, dht_clien
     finally:
         liar.close()
     assert failures > 0 and any(address.startswith("127.0.0.21:") for address in banned)
-    assert same_tensors(fetched.path, original)
+    assert same_tensors(fetched.path, slow_original)
 
 
-def test_a_seeder_killed_mid_download_costs_only_its_pieces(seeded, dht_client, bootstrap_peers, original, tmp_path):
+def test_a_seeder_killed_mid_download_costs_only_its_pieces(seeded, dht_client, bootstrap_peers, slow_original, tmp_path):
     helper = PeerProcess(
         ["-m", "swarm.fetch", "tiny-slow", "--seed", "--cache-dir", str(tmp_path / "helper"), "--host", "127.0.0.30",
-         "--upload-limit", "100000", "--initial-peers", *bootstrap_peers],
+         "--upload-limit", "150000", "--initial-peers", *bootstrap_peers],
         name="second seeder",
     )  # fmt: skip
     try:
@@ -203,7 +209,7 @@ def test_a_seeder_killed_mid_download_costs_only_its_pieces(seeded, dht_client, 
         started = time.monotonic()
         fetched, _, _ = download(dht_client, "tiny-slow", "127.0.0.31", tmp_path / "download")
         assert time.monotonic() - started > 1.5, "the download should have outlived the killed seeder"
-        assert same_tensors(fetched.path, original)
+        assert same_tensors(fetched.path, slow_original)
     finally:
         helper.stop()
 
@@ -282,3 +288,39 @@ def test_a_diffusers_pipeline_round_trips_through_the_swarm(bootstrap_peers, tmp
     pipeline = StableDiffusionPipeline.from_pretrained(output)
     reference = StableDiffusionPipeline.from_pretrained(original)
     assert all(torch.equal(a, b) for a, b in zip(pipeline.unet.state_dict().values(), reference.unet.state_dict().values()))
+
+
+def test_an_interrupted_download_resumes(seeded, dht_client, bootstrap_peers, slow_original, tmp_path):
+    uploaded = seeded.published.torrent.handle.status
+    before = uploaded().total_payload_upload
+    first = PeerProcess(
+        ["-m", "swarm.fetch", "tiny-slow", "--cache-dir", str(tmp_path / "cache"), "--host", "127.0.0.60",
+         "--initial-peers", *bootstrap_peers],
+        name="interrupted fetch",
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while uploaded().total_payload_upload < before + 400_000 and time.monotonic() < deadline:  # half the model
+            time.sleep(0.05)
+        time.sleep(1.5)  # written to disk at least once a second
+        first.signal(signal.SIGKILL)
+    finally:
+        first.stop()
+    fetched, _, _ = download(dht_client, "tiny-slow", "127.0.0.61", tmp_path / "cache")
+    downloaded = fetched.torrent.handle.status().total_payload_download
+    assert 0 < downloaded < fetched.manifest.total_bytes, "the second run should fetch only what the first did not"
+    assert same_tensors(fetched.path, slow_original)
+
+
+def test_a_server_publishes_its_local_model(original, bootstrap_peers, tmp_path):
+    server = launch_server(
+        original, "0:5", bootstrap_peers, "--publish", "tiny-served", "--cache-dir", str(tmp_path / "published"),
+        "--identity", str(tmp_path / "identity.key"), host="127.0.0.70",
+    )  # fmt: skip
+    try:
+        server.wait_for(r"published: tiny-served [0-9a-f]{64}", timeout=120)
+        server.wait_ready(120)
+        output = swarm.fetch("tiny-served", bootstrap_peers, output=tmp_path / "fetched", host="127.0.0.71", timeout=120)
+        assert same_tensors(output, original)
+    finally:
+        server.stop()

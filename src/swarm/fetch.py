@@ -4,7 +4,7 @@ Looks NAME up in the DHT (`NAME@INFOHASH` pins one publication), checks the publ
 manifest, downloads every file from all the peers that seed them (verified piece by piece), and moves the model
 folder to DIR: a normal checkpoint that `AutoModelForCausalLM.from_pretrained(DIR)` (or the family's own class,
 or a diffusers pipeline) loads, with weights identical to the published ones. Without `--output`, the model
-stays in ~/.cache/swarm/models/NAME-<hash>/model. `--seed` keeps seeding it there until stopped.
+stays in ~/.cache/swarm/models/NAME-<hash>. `--seed` keeps seeding it there until stopped.
 
 From Python: `swarm.fetch(name, initial_peers=[...], output=DIR)` returns the folder.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import signal
 import sys
 import threading
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import hivemind
 
-from swarm.distribution.fetch import DEFAULT_TIMEOUT, Seeding, fetch_files
+from swarm.distribution.fetch import ANNOUNCEMENT_FILE, DEFAULT_TIMEOUT, Seeding, fetch_files
 from swarm.distribution.torrents import TorrentSession
 from swarm.errors import ConfigurationError, SwarmError
 from swarm.logs import configure_logging
@@ -57,9 +56,8 @@ def fetch(
         dht.shutdown()
     if output is None:
         return fetched.path
-    fetched.path.rename(output)
-    shutil.rmtree(staging)
-    return output
+    (fetched.path / ANNOUNCEMENT_FILE).unlink()
+    return fetched.path.rename(output)
 
 
 def main(argv: list[str] | None = None) -> int:

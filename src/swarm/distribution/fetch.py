@@ -1,7 +1,7 @@
 """Fetching a published model's files from the peers that seed them, and seeding what a peer has.
 
     model = fetch_files(dht, session, "NAME", lambda manifest: manifest.files_for_blocks(BlockSpan(4, 8)))
-    model.path     # ~/.cache/swarm/models/NAME-<hash>/model: a checkpoint folder holding the files fetched
+    model.path     # ~/.cache/swarm/models/NAME-<hash>: a checkpoint folder holding the files fetched
 
 `fetch_files` looks NAME up (`NAME@INFOHASH` pins one publication), checks the publisher's signature and the
 manifest, joins the torrent through every peer that announces it seeds it, checks that the torrent's files are
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from hivemind import DHT
 
-from swarm.distribution.manifest import ROOT, Manifest
+from swarm.distribution.manifest import Manifest
 from swarm.distribution.records import (
     Announcement,
     Seeder,
@@ -38,7 +38,7 @@ from swarm.records import list_model
 
 logger = logging.getLogger(__name__)
 
-ANNOUNCEMENT_FILE = "swarm-announcement.json"  # beside the model folder: what it was fetched as
+ANNOUNCEMENT_FILE = ".swarm-announcement.json"  # in the model folder: what it was fetched as
 DEFAULT_TIMEOUT = 600.0  # seconds a download may take before it fails
 
 
@@ -95,7 +95,8 @@ def fetch_files(
     cache_dir: Path | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> FetchedModel:
-    """Looks `name` up and downloads the files `wanted(manifest)` names into `cache_dir / "model"`."""
+    """Looks `name` up and downloads the files `wanted(manifest)` names into `cache_dir` (default
+    ~/.cache/swarm/models/NAME-<hash>), which becomes a checkpoint folder of the model."""
     announcement = resolve(dht, name)
     manifest = announcement.checked_manifest()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(manifest.name, announcement.info_hash)
@@ -104,12 +105,13 @@ def fetch_files(
     find = functools.partial(seeder_endpoints, dht, announcement.info_hash)
     torrent.add_peers(find())
     manifest.check_files(torrent.wait_metadata(timeout))
+    torrent.place_files()
     (cache_dir / ANNOUNCEMENT_FILE).write_text(json.dumps(asdict(announcement), indent=1))
     paths = wanted(manifest)
     torrent.want(paths)
     logger.info(f"Fetching {len(paths)} of the {len(manifest.files)} files of {manifest.name} ({announcement.info_hash[:12]})")
     torrent.wait_files(paths, timeout, find, f"Fetching {manifest.name}")
-    return FetchedModel(cache_dir / ROOT, manifest, announcement, torrent, dht)
+    return FetchedModel(cache_dir, manifest, announcement, torrent, dht)
 
 
 class Seeding:

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 PIECE_SIZE = 1 << 20  # bytes per piece; v2 aligns every file to pieces, so a peer fetches whole files
 STALL_SECONDS = 5.0  # no progress this long: re-add the torrent without its ban list and reconnect its peers
 WANTED = 4  # libtorrent's default file priority; 0 skips a file
+FLUSH_SECONDS = 1.0  # libtorrent keeps received blocks in memory: written to disk this often while downloading
 
 
 def create_torrent(folder: Path) -> tuple[bytes, str]:
@@ -155,6 +156,8 @@ class Torrent:
         self.save_path = save_path
         self.metadata = threading.Event()
         self.flushed = threading.Event()
+        self.renamed = threading.Event()  # every file rename asked for is done
+        self.renames_pending = 0
         self.resume = threading.Event()
         self.resume_params = None
         self.banned: list[str] = []  # addresses of peers banned for corrupt pieces
@@ -176,6 +179,12 @@ class Torrent:
             logger.warning(f"Banned peer {address} of {self.info_hash[:12]}: it sent pieces that failed their hash")
         elif isinstance(alert, lt.cache_flushed_alert):
             self.flushed.set()
+        elif isinstance(alert, (lt.file_renamed_alert, lt.file_rename_failed_alert)):
+            if isinstance(alert, lt.file_rename_failed_alert):
+                logger.error(f"libtorrent: {alert.message()}")
+            self.renames_pending -= 1
+            if self.renames_pending == 0:
+                self.renamed.set()
         elif isinstance(alert, lt.save_resume_data_alert):
             self.resume_params = lt.write_resume_data_buf(alert.params)
             self.resume.set()
@@ -220,6 +229,24 @@ class Torrent:
             raise PeerTimeoutError(f"no peer sent the metadata of torrent {self.info_hash} within {timeout:.0f} s")
         return self.files()
 
+    def place_files(self, timeout: float = 600.0):
+        """Puts the files straight into the save path (without the torrent's root folder), then checks those already
+        there against their hashes: a download interrupted before resumes where it stopped."""
+        layout = self.handle.torrent_file().layout()
+        renames = [(index, path) for index, path, _ in self._entries(layout) if layout.file_path(index).replace("\\", "/") != path]
+        self.renamed.clear()
+        self.renames_pending = len(renames)
+        for index, path in renames:
+            self.handle.rename_file(index, path)
+        if renames and not self.renamed.wait(30):
+            raise PeerTimeoutError(f"libtorrent did not place the files of torrent {self.info_hash[:12]} in 30 s")
+        if any((self.save_path / path).is_file() for _, path, _ in self._entries(layout)):
+            self.handle.force_recheck()
+            deadline = time.monotonic() + timeout
+            checking = (lt.torrent_status.checking_files, lt.torrent_status.checking_resume_data)
+            while self.handle.status().state in checking and time.monotonic() < deadline:
+                time.sleep(0.05)
+
     def want(self, paths: list[str]):
         """Downloads `paths` (within the model folder) besides what it already wants."""
         layout = self.handle.torrent_file().layout()
@@ -237,6 +264,7 @@ class Torrent:
         progress bar with bytes per second and peers. Raises `SwarmUnavailableError` after `timeout` seconds."""
         sizes = {path: size for path, size in self.files().items() if path in set(paths)}
         deadline, progress_at, last_done, last_peers = time.monotonic() + timeout, time.monotonic(), -1, 0.0
+        last_flush = time.monotonic()
         with tqdm(total=sum(sizes.values()), desc=what, unit="B", unit_scale=True, disable=None) as bar:
             while True:
                 done = self._bytes_done(sizes)
@@ -254,6 +282,9 @@ class Torrent:
                 if now - last_peers > 2.0:
                     self.add_peers(find_peers())
                     last_peers = now
+                if now - last_flush > FLUSH_SECONDS:  # what a crash loses, an interrupted download fetches again
+                    self.handle.flush_cache()
+                    last_flush = now
                 if now > deadline:
                     raise SwarmUnavailableError(
                         f"{what}: {done} of {bar.total} bytes after {timeout:.0f} s from {status.num_peers} peers"
