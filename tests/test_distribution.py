@@ -302,7 +302,7 @@ def test_an_interrupted_download_resumes(seeded, dht_client, bootstrap_peers, sl
         deadline = time.monotonic() + 120
         while uploaded().total_payload_upload < before + 400_000 and time.monotonic() < deadline:  # half the model
             time.sleep(0.05)
-        time.sleep(1.5)  # written to disk at least once a second
+        time.sleep(1.0)
         first.signal(signal.SIGKILL)
     finally:
         first.stop()
