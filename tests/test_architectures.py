@@ -134,7 +134,10 @@ UNSUPPORTED = {
         {**LAYERS, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16, "num_experts": 4},
         "fused experts",
     ),
-    "vit": ("ViTConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37), "not a causal LM"),
+    "deberta-v2": (  # an encoder whose layers take relative position embeddings from its forward
+        "DebertaV2Config", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37), "rel_embeddings",
+    ),
+    "clip": ("CLIPConfig", {}, "no single list"),  # two towers
 }  # fmt: skip
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import transformers
 
 from tests.test_architectures import ARCHITECTURES
+from tests.test_encoders import MODELS as ENCODERS
 
 ROOT = Path(__file__).resolve().parents[1]
 OWN_TESTS = {"llama", "mixtral", "t5", "UNet2DConditionModel"}  # each has test files of its own
@@ -21,6 +22,7 @@ def table_rows() -> list[list[str]]:
 
 def test_the_table_lists_every_tested_architecture():
     tested = {getattr(transformers, config_class)().model_type for config_class, _ in ARCHITECTURES.values()}
+    tested |= {getattr(transformers, config_class)().model_type for _, config_class, _ in ENCODERS.values()}
     listed = [row[0].strip("`") for row in table_rows()]
     assert sorted(listed) == sorted(tested | OWN_TESTS)
 

@@ -141,6 +141,11 @@ class RemoteStack(nn.Module):
                 raise UnsupportedModelError(
                     getattr(model.config, "model_type", None), f"its forward gives its blocks a prepared {name}"
                 )
+            if name == "attention_mask" and isinstance(value, torch.Tensor) and session is None and value.shape[1] != tokens:
+                raise UnsupportedModelError(
+                    getattr(model.config, "model_type", None),
+                    f"its attention_mask covers {value.shape[1]} positions, its blocks' hidden states {tokens}",
+                )
             if not isinstance(value, torch.Tensor) or (name in MASKS and bool(value.all())):
                 continue  # servers read a missing mask as all ones
             if session is not None and name in PER_POSITION:
@@ -173,9 +178,9 @@ def load_client_model(weights_path: Path, config, family: ModelFamily, remote: R
     stages = family.stages(config)
     for stack in family.client_stacks(config):
         stand_in = RemoteStack(model, stack, stages[stack.stage], runs_sessions=stack.stage == len(stages) - 1)
-        owner_path, _, name = stack.path.rpartition(".")
-        owner = model.get_submodule(owner_path)
-        setattr(owner, name, nn.ModuleList([stand_in]))
+        parent_path, _, name = stack.path.rpartition(".")
+        setattr(model.get_submodule(parent_path), name, nn.ModuleList([stand_in]))
+        owner = model.get_submodule(parent_path if stack.owner is None else stack.owner)
         owner.register_forward_pre_hook(stand_in.capture, with_kwargs=True)
     for path in family.client_removed(config):
         parent, _, name = path.rpartition(".")

@@ -1,20 +1,23 @@
 """Model families, and the one explicit registry that maps a model to its family.
 
-Most causal LMs need no entry: `family_for` serves every model type that transformers has a causal LM for
-with the generic decoder family (`swarm.models.decoder`), which raises `UnsupportedModelError` for a structure
-it cannot cut. `FAMILIES` holds, by `config.model_type` (a diffusers model's class name), the families with a
-file of their own and the decoders that need a thin adapter.
+Most models need no entry: `family_for` serves a checkpoint of a causal LM class (or of a model type that
+transformers has a causal LM for, when the checkpoint names no class) with the generic decoder family
+(`swarm.models.decoder`), and any other model of transformers with the generic encoder family
+(`swarm.models.encoder`); each raises `UnsupportedModelError` for a structure it cannot cut. `FAMILIES` holds,
+by `config.model_type` (a diffusers model's class name), the families with a file of their own and the decoders
+that need a thin adapter.
 """
 
 from __future__ import annotations
 
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from swarm.errors import UnsupportedModelError
 from swarm.models.alibi import bloom_alibi, falcon_alibi
 from swarm.models.base import ModelFamily
 from swarm.models.decoder import DecoderFamily
+from swarm.models.encoder import CAUSAL_LM_CLASSES, EncoderFamily
 from swarm.models.llama import llama_layer_forward
 from swarm.models.mixtral import fuse_mixtral_experts
 from swarm.models.t5 import T5Family
@@ -30,6 +33,7 @@ FAMILIES: dict[str, ModelFamily] = {
     "falcon": DecoderFamily(position_bias=falcon_alibi, returns=2),
 }
 CAUSAL_LM = DecoderFamily(fast_paths=FAST_PATHS)  # every other causal LM
+ENCODER = EncoderFamily()  # every other model of transformers: served if it is an encoder-only model
 
 
 def family_for(config) -> ModelFamily:
@@ -38,8 +42,11 @@ def family_for(config) -> ModelFamily:
     model_type = getattr(config, "model_type", None)
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (architecture is None or architecture in CAUSAL_LM_CLASSES):
         return CAUSAL_LM
+    if model_type in MODEL_MAPPING_NAMES:
+        return ENCODER
     raise UnsupportedModelError(
-        model_type, f"it is not a causal LM of transformers nor one of {sorted(FAMILIES)}, which swarm serves"
+        model_type, f"it is not a model of transformers nor one of {sorted(FAMILIES)}, which swarm serves"
     )

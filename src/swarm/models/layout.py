@@ -91,6 +91,19 @@ def read_layout(config, computes_alibi: bool, converts_checkpoints: bool) -> Dec
     )
 
 
+def converted_patterns(model: nn.Module) -> tuple[str, ...]:
+    """The checkpoint names (regular expressions) whose tensors transformers rewrites while loading `model`'s
+    class (fused experts, a fused SwiGLU projection split in two, ...)."""
+    rules = [rule for rule in get_model_conversion_mapping(model) if isinstance(rule, WeightConverter)]
+    return tuple(pattern for rule in rules for pattern in rule.source_patterns)
+
+
+def loading_renamer(model: nn.Module) -> Callable[[str], str]:
+    """`checkpoint_renamer` with transformers' own renaming rules for `model`'s class."""
+    renamings = [rule for rule in get_model_conversion_mapping(model) if isinstance(rule, WeightRenaming)]
+    return checkpoint_renamer(model, renamings)
+
+
 def build_model(config) -> nn.Module:
     """`config`'s causal LM on the meta device (its non-persistent buffers, such as rotary frequencies, are real)."""
     from accelerate import init_empty_weights
