@@ -99,6 +99,17 @@ def test_outputs_match_local(served):
             torch.testing.assert_close(alone[first][0], remote[first][2], atol=ATOL, rtol=0)
 
 
+def test_hidden_states_match_local(served):
+    """`output_hidden_states`: the servers return every block's output, recorded where the model's own would be."""
+    name, model, local, _ = served
+    inputs = example_inputs(name)
+    with torch.no_grad():
+        remote, expected = model(**inputs, output_hidden_states=True), local(**inputs, output_hidden_states=True)
+    assert len(remote.hidden_states) == len(expected.hidden_states) == 6
+    for got, want in zip(remote.hidden_states, expected.hidden_states):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
 def test_pipelines_match_local(served):
     name, model, local, directory = served
     if name in TEXT_MODELS:

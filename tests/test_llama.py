@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from swarm import AutoDistributedModel
+from swarm.errors import UnsupportedModelError
 from swarm.launch import LocalSwarm
 from tests.conftest import ATOL, assert_padded_batch_matches, assert_same_generation, generate_both
 
@@ -153,3 +154,20 @@ def test_beam_search_matches_local(model_3, local_tiny_llama):
     input_ids = random_ids(2, 6, seed=13)
     settings = dict(num_beams=3, max_new_tokens=8, num_return_sequences=2, early_stopping=True)
     assert torch.equal(model_3.generate(input_ids, **settings), local_tiny_llama.generate(input_ids, **settings))
+
+
+def test_hidden_states_match_local(model_3, local_tiny_llama):
+    """`output_hidden_states` without a session: every layer's output comes back from the server that ran it; one
+    selected by index comes back alone. In a session the swarm says it does not return them."""
+    input_ids = random_ids(2, 6, seed=9)
+    with torch.no_grad():
+        remote = model_3(input_ids, output_hidden_states=True, use_cache=False).hidden_states
+        expected = local_tiny_llama(input_ids, output_hidden_states=True, use_cache=False).hidden_states
+        assert len(remote) == len(expected)
+        for got, want in zip(remote, expected):
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        selected = model_3(input_ids, output_hidden_states=[2], use_cache=False).hidden_states
+        torch.testing.assert_close(selected[2], expected[2], atol=ATOL, rtol=0)
+        assert all(state is None for index, state in enumerate(selected) if index != 2)
+        with model_3.inference_session(max_length=8), pytest.raises(UnsupportedModelError, match="inference session"):
+            model_3(input_ids, output_hidden_states=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import transformers
 
 from tests.test_architectures import ARCHITECTURES
+from tests.test_depth import MODELS as DEPTH_MODELS
 from tests.test_encoders import MODELS as ENCODERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +24,7 @@ def table_rows() -> list[list[str]]:
 def test_the_table_lists_every_tested_architecture():
     tested = {getattr(transformers, config_class)().model_type for config_class, _ in ARCHITECTURES.values()}
     tested |= {getattr(transformers, config_class)().model_type for _, config_class, _ in ENCODERS.values()}
+    tested |= {make_config().model_type for _, make_config, _ in DEPTH_MODELS.values()}
     listed = [row[0].strip("`") for row in table_rows()]
     assert sorted(listed) == sorted(tested | OWN_TESTS)
 

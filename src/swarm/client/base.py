@@ -22,12 +22,13 @@ from typing import Iterator
 import torch
 from torch import nn
 from transformers import GenerationConfig
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, _active_collector  # what a forward records
 
 from swarm.checkpoint import CheckpointIndex
 from swarm.client.remote import RemoteBlocks
 from swarm.client.session import InferenceSession
 from swarm.errors import ConfigurationError, UnsupportedModelError
-from swarm.models.base import ClientStack, ModelFamily
+from swarm.models.base import LAYER_OUTPUT, ClientStack, ModelFamily
 from swarm.spans import BlockSpan
 
 MASKS = ("attention_mask", "encoder_attention_mask")  # inputs that mean "all positions" when all ones
@@ -152,12 +153,47 @@ class RemoteStack(nn.Module):
                 value = value[:, -tokens:]
             if session is None or session.position == 0 or name not in self.stack.kept:
                 tensors[name] = value
+        collector = _active_collector.get()  # what the model's forward records: hidden states, attentions, ...
+        recorded = self._recorded(model, collector, session)
+        if recorded:
+            tensors["output_layers"] = torch.tensor([self.span.start + index for index in recorded])
         if session is not None:
             tensors["hypo_ids"] = session.take_hypo_ids()
-            hidden = session.step(tensors)["hidden_states"]
+            outputs = session.step(tensors)
         else:
-            hidden = model.remote.forward(tensors, self.span)["hidden_states"]
+            outputs = model.remote.forward(tensors, self.span)
+        hidden = outputs["hidden_states"]
+        if collector is not None and "hidden_states" in collector:
+            self._record(collector, hidden_states, outputs, hidden)
         return hidden if self.stack.returns == 1 else (hidden, *[None] * (self.stack.returns - 1))
+
+    def _recorded(self, model, collector: dict | None, session) -> list[int]:
+        """The blocks (indices in the stack) whose outputs the servers return: those the model's forward records
+        as hidden states and its code reads (the last block's output is the reply's hidden states anyway)."""
+        model_type = getattr(model.config, "model_type", None)
+        if collector is None:
+            return []
+        unsupported = set(collector) - {"hidden_states", "_hidden_states_layers"}
+        if unsupported:
+            raise UnsupportedModelError(model_type, f"the swarm does not return {sorted(unsupported)} of its blocks")
+        if "hidden_states" not in collector:
+            return []
+        if session is not None:
+            raise UnsupportedModelError(model_type, "the swarm returns no intermediate hidden states in an inference session")
+        wanted = set(range(len(self.span) - 1))
+        if (selection := collector.get("_hidden_states_layers")) is not None:
+            wanted &= {index - 1 for index in selection}  # hidden state 0 is the first block's input
+        if self.stack.reads_outputs is not None:
+            wanted &= set(self.stack.reads_outputs)
+        return sorted(wanted)
+
+    def _record(self, collector: dict, first_input: torch.Tensor, outputs: dict, last: torch.Tensor):
+        """Appends the stack's hidden states to `collector` as transformers' hooks on its blocks would: the first
+        block's input, then each block's output (None where not selected or not returned)."""
+        hidden_states, selection = collector["hidden_states"], collector.get("_hidden_states_layers")
+        received = [outputs.get(LAYER_OUTPUT.format(self.span.start + index)) for index in range(len(self.span) - 1)]
+        for state in ([first_input] if not hidden_states else []) + received + [last]:
+            hidden_states.append(state if selection is None or len(hidden_states) in selection else None)
 
 
 @functools.cache
@@ -174,6 +210,7 @@ def load_client_model(weights_path: Path, config, family: ModelFamily, remote: R
     swarm, and loads only its own tensors from the checkpoint at `weights_path`."""
     model = family.client_skeleton(config)
     model.__class__ = distributed_class(type(model), mixin)
+    _CAN_RECORD_REGISTRY[model] = model._can_record_outputs  # kept by class name: the outputs it records, as its class's
     model.attach_swarm(family, remote)
     stages = family.stages(config)
     for stack in family.client_stacks(config):

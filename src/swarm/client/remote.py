@@ -20,10 +20,13 @@ from swarm.client.config import ClientConfig
 from swarm.client.retry import is_retriable
 from swarm.client.routing import Hop, RoutingPreferences, missing_blocks, plan_route, usable_servers
 from swarm.errors import ConfigurationError, MissingBlocksError, PeerError, SwarmUnavailableError
+from swarm.models.base import LAYER_OUTPUT
 from swarm.records import ServerRecord, fetch_records
 from swarm.spans import BlockSpan
 from swarm.transport import Connection
 from swarm.wire import DTYPES
+
+LAYER_OUTPUTS = LAYER_OUTPUT.format("")  # the prefix of blocks' own outputs in a reply
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +144,7 @@ class RemoteBlocks:
     def forward(self, tensors: Tensors, span: BlockSpan | None = None) -> Tensors:
         """Runs blocks `span` (default: all) without a cache, re-routing around servers that fail. A hop's
         reply tensors replace the inputs of the same name for the next hop (hidden states); the others travel
-        unchanged (position ids, masks). Floating-point tensors come back in the caller's dtype.
+        unchanged (position ids, masks). Blocks' own outputs (`LAYER_OUTPUT`) are kept here and returned too. Floating-point tensors come back in the caller's dtype.
 
         A model whose steps make a round trip keeps state on its servers between the two passes: it runs
         each step in an `InferenceSession` instead."""
@@ -150,7 +153,7 @@ class RemoteBlocks:
             raise ConfigurationError("a model whose steps make a round trip runs them in inference sessions")
         tensors = {name: tensor for name, tensor in tensors.items() if tensor is not None}
         caller_dtypes = {name: tensor.dtype for name, tensor in tensors.items()}
-        budget, block = self.config.retry.start(), span.start
+        budget, block, kept = self.config.retry.start(), span.start, {}
         route = self.plan_route(span)
         while block < span.end:
             hop = route[0]
@@ -162,9 +165,12 @@ class RemoteBlocks:
                     raise
                 route = self.recover(hop, error, budget, BlockSpan(block, span.end))
                 continue
+            kept.update((name, tensor) for name, tensor in outputs.items() if name.startswith(LAYER_OUTPUTS))
+            outputs = {name: tensor for name, tensor in outputs.items() if not name.startswith(LAYER_OUTPUTS)}
             tensors.update(outputs)
             block, route = hop.span.end, route[1:]
-        return {name: tensors[name].to(caller_dtypes.get(name, tensors[name].dtype)) for name in outputs}
+        result = {name: tensors[name] for name in outputs} | kept
+        return {name: tensor.to(caller_dtypes.get(name, tensor.dtype)) for name, tensor in result.items()}
 
     def recover(self, hop: Hop, error: Exception, budget, span: BlockSpan) -> list[Hop]:
         """Bans the failed server, waits out the retry delay, and plans a new route over `span`."""

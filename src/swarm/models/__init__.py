@@ -10,6 +10,7 @@ that need a thin adapter.
 
 from __future__ import annotations
 
+import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -17,7 +18,7 @@ from swarm.errors import UnsupportedModelError
 from swarm.models.alibi import bloom_alibi, falcon_alibi
 from swarm.models.base import ModelFamily
 from swarm.models.decoder import DecoderFamily
-from swarm.models.encoder import CAUSAL_LM_CLASSES, EncoderFamily
+from swarm.models.encoder import CAUSAL_LM_CLASSES, EncoderFamily, dpt_reads_outputs
 from swarm.models.llama import llama_layer_forward
 from swarm.models.mixtral import fuse_mixtral_experts
 from swarm.models.t5 import T5Family
@@ -31,6 +32,7 @@ FAMILIES: dict[str, ModelFamily] = {
     "mixtral": DecoderFamily(convert_tensors=fuse_mixtral_experts),
     "bloom": DecoderFamily(position_bias=bloom_alibi, returns=2),
     "falcon": DecoderFamily(position_bias=falcon_alibi, returns=2),
+    "dpt": EncoderFamily(reads_outputs=dpt_reads_outputs),
 }
 CAUSAL_LM = DecoderFamily(fast_paths=FAST_PATHS)  # every other causal LM
 ENCODER = EncoderFamily()  # every other model of transformers: served if it is an encoder-only model
@@ -45,7 +47,7 @@ def family_for(config) -> ModelFamily:
     architecture = (getattr(config, "architectures", None) or [None])[0]
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (architecture is None or architecture in CAUSAL_LM_CLASSES):
         return CAUSAL_LM
-    if model_type in MODEL_MAPPING_NAMES:
+    if model_type in MODEL_MAPPING_NAMES or hasattr(transformers, architecture or ""):
         return ENCODER
     raise UnsupportedModelError(
         model_type, f"it is not a model of transformers nor one of {sorted(FAMILIES)}, which swarm serves"

@@ -33,6 +33,9 @@ from swarm.models.state import SequenceState
 from swarm.spans import BlockSpan
 
 Tensors = dict[str, torch.Tensor]
+# Reply tensors named so hold block i's output, asked for by a request's `output_layers` (int64 block indices)
+# when the client's model reads intermediate hidden states: the client keeps them, they do not go on to the next hop
+LAYER_OUTPUT = "layer_output.{}"
 
 
 @dataclass
@@ -65,6 +68,9 @@ class ClientStack:
     # the owner, if not the stack's parent: the module called with the inputs as the model's user gave them ("" for
     # the model itself: an encoder's own forward turns its 2-D attention mask into the 4-D one its layers take)
     owner: str | None = None
+    # when the model asks for its hidden states (`output_hidden_states`, a backbone's feature maps): the blocks
+    # (indices in the stack) whose outputs its own code reads, the only ones servers return; None: all it asks for
+    reads_outputs: tuple[int, ...] | None = None
 
 
 class ModelFamily(ABC):

@@ -46,3 +46,11 @@ def check_position_ids(positions: torch.Tensor | None, batch: int, tokens: int):
         f"position_ids must be int64 of shape (batch or 1, {tokens}), got {positions.dtype} {tuple(positions.shape)}",
     )
     require(positions.shape[1] == tokens, f"position_ids cover {positions.shape[1]} tokens, not {tokens}")
+
+
+def check_output_layers(wanted: torch.Tensor | None, blocks: int):
+    if wanted is not None:
+        require(
+            wanted.dtype == torch.int64 and wanted.ndim == 1 and wanted.numel() <= blocks,
+            f"output_layers must be int64 of shape (k,) with k <= {blocks}, got {wanted.dtype} {tuple(wanted.shape)}",
+        )

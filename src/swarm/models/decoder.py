@@ -14,9 +14,10 @@ A request to a span carries:
     position_ids    (batch or 1, new_tokens)           int64, optional (default: next positions)
     attention_mask  (batch, new_tokens)                0/1 for the new tokens, optional (default: all 1)
     hypo_ids        (batch,)                           int64, optional: reorders a session's cache first
-and the reply carries `hidden_states` of the same shape. Each layer gets the mask of its attention type
-(`create_causal_mask` or `create_sliding_window_causal_mask`, for the session's past), and the rotary
-embeddings the model computes for it. What transformers 5 leaves to a model's forward and cannot be read off
+    output_layers   (k,)                               int64, optional: blocks whose outputs to return too
+and the reply carries `hidden_states` of the same shape (and `layer_output.{i}` for the blocks asked for).
+Each layer gets the mask of its attention type (`create_causal_mask` or `create_sliding_window_causal_mask`,
+for the session's past), and the rotary embeddings the model computes for it. What transformers 5 leaves to a model's forward and cannot be read off
 its classes (Bloom's and Falcon's alibi, Mixtral's per-expert checkpoints) is given as a thin adapter where the
 family is registered (`swarm.models.FAMILIES`).
 """
@@ -32,8 +33,8 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from swarm.errors import UnsupportedModelError
-from swarm.models.base import ClientStack, LoadedSpan, ModelFamily, Tensors
-from swarm.models.checks import check_hidden_states, check_mask, check_names, check_position_ids, require
+from swarm.models.base import LAYER_OUTPUT, ClientStack, LoadedSpan, ModelFamily, Tensors
+from swarm.models.checks import check_hidden_states, check_mask, check_names, check_output_layers, check_position_ids, require
 from swarm.models.layout import DecoderLayout, build_model, read_layout
 from swarm.models.state import SequenceState
 from swarm.spans import BlockSpan
@@ -41,7 +42,7 @@ from swarm.spans import BlockSpan
 logger = logging.getLogger(__name__)
 
 MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-INPUTS = {"hidden_states", "position_ids", "attention_mask", "hypo_ids"}
+INPUTS = {"hidden_states", "position_ids", "attention_mask", "hypo_ids", "output_layers"}
 
 # position_bias(config, hidden, mask, cache, positions, past, layer_idx, masks) -> (masks, alibi): a model whose
 # forward gives its layers alibi biases (and may fold them into the masks); see `swarm.models.alibi`
@@ -115,6 +116,7 @@ class DecoderFamily(ModelFamily):
         check_names(inputs, INPUTS, "decoder blocks")
         check_position_ids(inputs.get("position_ids"), batch, tokens)
         check_mask(inputs.get("attention_mask"), "attention_mask", batch, tokens)
+        check_output_layers(inputs.get("output_layers"), self.num_blocks(loaded.config))
         if state is not None:
             state.check_step(inputs.get("hypo_ids"), batch, tokens, max_length)
         else:
@@ -140,15 +142,18 @@ class DecoderFamily(ModelFamily):
         if self.position_bias is not None:
             masks, alibi = self.position_bias(loaded.config, hidden, mask, cache, positions, past, sub_span.start, masks)
         embeddings = self._rotary(loaded, layout, hidden, positions, set(first_of_kind))
+        wanted, outputs = set(inputs["output_layers"].tolist()) if "output_layers" in inputs else set(), {}
         for index, block in zip(sub_span, loaded.blocks_of(sub_span)):
             kind = kinds[index]
             if loaded.fast_path:
                 hidden = self.fast_paths[type(block)](block, hidden, masks[kind], embeddings[kind], positions, cache)
-                continue
-            hidden = self._call_layer(loaded, block, hidden, masks[kind], embeddings[kind], positions, cache, alibi)
+            else:
+                hidden = self._call_layer(loaded, block, hidden, masks[kind], embeddings[kind], positions, cache, alibi)
+            if index in wanted:
+                outputs[LAYER_OUTPUT.format(index)] = hidden
         if state is not None:
             state.advance(mask, batch, tokens)
-        return {"hidden_states": hidden}
+        return {"hidden_states": hidden, **outputs}
 
     def _mask(self, loaded: LoadedSpan, kind: str, hidden, mask, cache, positions, layer_idx: int):
         return MASKS[kind](
