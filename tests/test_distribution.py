@@ -324,3 +324,34 @@ def test_a_server_publishes_its_local_model(original, bootstrap_peers, tmp_path)
         assert same_tensors(output, original)
     finally:
         server.stop()
+
+
+def test_a_server_that_moves_fetches_its_new_blocks(bootstrap_peers, tmp_path):
+    """A server that chose its blocks moves to blocks nobody serves, and fetches their files from the swarm."""
+    original = make_tiny_llama(tmp_path / "tiny-llama-4", num_hidden_layers=4)
+    caches = [tmp_path / "cache-moving", tmp_path / "cache-fixed"]
+    with swarm.publish(original, "tiny-moving", bootstrap_peers, host="127.0.0.80", work_dir=tmp_path / "published",
+                       identity=tmp_path / "identity.key"):  # fmt: skip
+        moving = launch_server("tiny-moving", None, bootstrap_peers, "--num-blocks", "2", "--rebalance-period", "1",
+                               "--cache-dir", str(caches[0]), host="127.0.0.81")  # fmt: skip
+        fixed = None
+        try:
+            moving.wait_for(r"ready: serving tiny-moving blocks 0:2", timeout=120)
+            assert {path for path in files_under(caches[0]) if path.startswith("block-")} == {"block-00000.safetensors", "block-00001.safetensors"}
+            fixed = launch_server("tiny-moving", "0:2", bootstrap_peers, "--cache-dir", str(caches[1]), host="127.0.0.82")
+            fixed.wait_ready(120)
+            moving.wait_for(r"Moving from blocks 0:2 to 2:4", timeout=60)
+            moving.wait_for(r"ready: serving tiny-moving blocks 2:4", timeout=120)
+            assert {f"block-0000{index}.safetensors" for index in range(4)} <= files_under(caches[0])
+            model = AutoDistributedModel.from_pretrained("tiny-moving", initial_peers=bootstrap_peers, cache_dir=tmp_path / "client",
+                                                         client_config=ClientConfig(torrent_host="127.0.0.83"), coverage_timeout=60)  # fmt: skip
+            try:
+                local = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32)
+                input_ids = torch.tensor([[5, 6, 7, 8, 9]])
+                assert torch.equal(model.generate(input_ids, max_new_tokens=6), local.generate(input_ids, max_new_tokens=6))
+            finally:
+                model.remote.shutdown()
+        finally:
+            for server in (fixed, moving):
+                if server is not None:
+                    server.stop()

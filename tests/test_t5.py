@@ -98,3 +98,18 @@ def test_seeded_sampling_matches_local(t5_setup):
     remote = model.generate(input_ids, **settings)
     torch.manual_seed(3)
     assert torch.equal(remote, local.generate(input_ids, cache=fresh_cache(), **settings))
+
+
+def test_hidden_states_match_local(t5_setup):
+    """`output_hidden_states`: each stack's block outputs come back from the servers that ran them (one server's
+    span crosses from the encoder into the decoder), recorded where the local model records them."""
+    model, local = t5_setup
+    input_ids, attention_mask = encoder_batch()
+    decoder_input_ids = torch.randint(2, 90, (2, 5), generator=torch.Generator().manual_seed(3))
+    arguments = dict(attention_mask=attention_mask, decoder_input_ids=decoder_input_ids, output_hidden_states=True)
+    with torch.no_grad():
+        remote, expected = model(input_ids, **arguments), local(input_ids, **arguments)
+    for name in ("encoder_hidden_states", "decoder_hidden_states"):
+        assert len(remote[name]) == len(expected[name]) > 2
+        for got, want in zip(remote[name], expected[name]):
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from transformers import GenerationConfig
+from transformers import GenerationConfig, PreTrainedModel
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, _active_collector  # what a forward records
 
 from swarm.checkpoint import CheckpointIndex
@@ -210,7 +210,8 @@ def load_client_model(weights_path: Path, config, family: ModelFamily, remote: R
     swarm, and loads only its own tensors from the checkpoint at `weights_path`."""
     model = family.client_skeleton(config)
     model.__class__ = distributed_class(type(model), mixin)
-    _CAN_RECORD_REGISTRY[model] = model._can_record_outputs  # kept by class name: the outputs it records, as its class's
+    if isinstance(model, PreTrainedModel):  # transformers keeps what a model records by its class's name
+        _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
     model.attach_swarm(family, remote)
     stages = family.stages(config)
     for stack in family.client_stacks(config):

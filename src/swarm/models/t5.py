@@ -25,8 +25,8 @@ from transformers import DynamicCache, EncoderDecoderCache, T5ForConditionalGene
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.models.t5.modeling_t5 import T5Attention, T5Block
 
-from swarm.models.base import ClientStack, LoadedSpan, ModelFamily, Tensors
-from swarm.models.checks import check_hidden_states, check_mask, check_names, require
+from swarm.models.base import LAYER_OUTPUT, ClientStack, LoadedSpan, ModelFamily, Tensors
+from swarm.models.checks import check_hidden_states, check_mask, check_names, check_output_layers, require
 from swarm.models.state import SequenceState
 from swarm.spans import BlockSpan
 
@@ -106,9 +106,10 @@ class T5Family(ModelFamily):
     def check_inputs(self, loaded: LoadedSpan, inputs: Tensors, state, max_length, sub_span: BlockSpan, phase):
         d_model, stack = loaded.config.d_model, self.stack_of(loaded.config, sub_span.start)[0]
         batch, tokens = check_hidden_states(inputs, "hidden_states", d_model, loaded.dtype)
-        allowed = {"hidden_states", "attention_mask"} | ({*KEPT, "hypo_ids"} if stack == DECODER else set())
+        allowed = {"hidden_states", "attention_mask", "output_layers"} | ({*KEPT, "hypo_ids"} if stack == DECODER else set())
         check_names(inputs, allowed, f"{stack} blocks")
         check_mask(inputs.get("attention_mask"), "attention_mask", batch, tokens)
+        check_output_layers(inputs.get("output_layers"), self.num_blocks(loaded.config))
         if stack == ENCODER:
             return
         encoder = inputs.get("encoder_hidden_states")
@@ -127,19 +128,29 @@ class T5Family(ModelFamily):
     def forward(self, loaded: LoadedSpan, sub_span: BlockSpan, inputs: Tensors, state, phase) -> Tensors:
         stack = self.stack_of(loaded.config, sub_span.start)[0]
         hidden = inputs["hidden_states"].to(loaded.device)
-        if stack == ENCODER:
-            return {"hidden_states": self._run_encoder(loaded, sub_span, hidden, inputs.get("attention_mask"))}
-        return {"hidden_states": self._run_decoder(loaded, sub_span, hidden, inputs, state)}
+        wanted = set(inputs["output_layers"].tolist()) if "output_layers" in inputs else set()
+        outputs = {}  # the outputs of the blocks in `wanted`, by their reply names
 
-    def _run_encoder(self, loaded: LoadedSpan, sub_span: BlockSpan, hidden, mask):
+        def keep(index: int, output: torch.Tensor):
+            if index in wanted:
+                outputs[LAYER_OUTPUT.format(index)] = output
+
+        if stack == ENCODER:
+            hidden = self._run_encoder(loaded, sub_span, hidden, inputs.get("attention_mask"), keep)
+        else:
+            hidden = self._run_decoder(loaded, sub_span, hidden, inputs, state, keep)
+        return {"hidden_states": hidden, **outputs}
+
+    def _run_encoder(self, loaded: LoadedSpan, sub_span: BlockSpan, hidden, mask, keep):
         config = self.stack_config(loaded.config, ENCODER)
         mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=_to(mask, hidden))
         position_bias = loaded.helpers[ENCODER].compute_bias(hidden.shape[1], hidden.shape[1], device=hidden.device)
-        for block in loaded.blocks_of(sub_span):
+        for index, block in zip(sub_span, loaded.blocks_of(sub_span)):
             hidden, position_bias, _ = block(hidden, mask, position_bias)
+            keep(index, hidden)
         return hidden
 
-    def _run_decoder(self, loaded: LoadedSpan, sub_span: BlockSpan, hidden, inputs: Tensors, state):
+    def _run_decoder(self, loaded: LoadedSpan, sub_span: BlockSpan, hidden, inputs: Tensors, state, keep):
         config = self.stack_config(loaded.config, DECODER)
         batch, tokens = hidden.shape[:2]
         kept = {name: inputs[name] for name in KEPT if inputs.get(name) is not None}
@@ -165,10 +176,11 @@ class T5Family(ModelFamily):
         )
         position_bias = loaded.helpers[DECODER].compute_bias(tokens, past + tokens, hidden.device, past_seen_tokens=past)
         cross_bias = None
-        for block in loaded.blocks_of(sub_span):
+        for index, block in zip(sub_span, loaded.blocks_of(sub_span)):
             hidden, position_bias, cross_bias = block(
                 hidden, causal_mask, position_bias, encoder_hidden, cross_mask, cross_bias, cache=cache
             )
+            keep(index, hidden)
         if state is not None:
             state.advance(mask, batch, tokens)
         return hidden

@@ -115,9 +115,12 @@ class Server:
         self.span = self._initial_span()
         self._serve_span(self.span)
         self.transport.start()
+        self._log_ready()
+
+    def _log_ready(self):
         logger.info(
             f"ready: serving {self.model_name} blocks {self.span} ({len(self.span)} of {self.num_blocks}) "
-            f"at {self.address}, {dtype_name(config.dtype)}, {self.throughput:.1f} tokens/s, peer {self.dht.peer_id}"
+            f"at {self.address}, {dtype_name(self.config.dtype)}, {self.throughput:.1f} tokens/s, peer {self.dht.peer_id}"
         )
 
     def _initial_span(self) -> BlockSpan:
@@ -175,6 +178,7 @@ class Server:
         self._announce(ServerState.OFFLINE)
         self.handler = None
         self._serve_span(target)
+        self._log_ready()
 
     def _handle(self, fields, tensors, context):
         handler = self.handler
