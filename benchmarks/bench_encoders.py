@@ -65,7 +65,6 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    torch.set_num_threads(1)  # the local model and each server get one core, as the servers share this host's 2
     print("== all-MiniLM-L6-v2, 2 servers ==")
     path = minilm_checkpoint()
     tokenizer, local = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
