@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from swarm import AutoDistributedModel
 from swarm.launch import LocalSwarm, start_bootstrap
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -42,6 +44,18 @@ def assert_padded_batch_matches(model, local, input_ids, **generate_kwargs):
     torch.testing.assert_close(remote_logits, local_logits, atol=ATOL, rtol=0)
     remote, expected = generate_both(model, local, input_ids, attention_mask=attention_mask, **generate_kwargs)
     assert_same_generation(remote, expected)
+
+
+@contextlib.contextmanager
+def served_model(directory, spans, initial_peers, log_dir):
+    """The client of the model at `directory`, served by one server per span in the DHT of `initial_peers`; the
+    client and the servers end on exit."""
+    with LocalSwarm(directory, spans, log_dir=log_dir, initial_peers=initial_peers) as swarm:
+        model = AutoDistributedModel.from_pretrained(directory, initial_peers=swarm.initial_peers, coverage_timeout=30)
+        try:
+            yield model
+        finally:
+            model.remote.shutdown()
 
 
 def make_tiny_llama(directory, **overrides):

@@ -14,8 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModel
 from swarm.errors import UnsupportedModelError
-from swarm.launch import LocalSwarm
-from tests.conftest import ATOL, assert_padded_batch_matches, assert_same_generation, generate_both
+from tests.conftest import ATOL, assert_padded_batch_matches, assert_same_generation, generate_both, served_model
 from tests.test_server import run_server_cli
 
 VOCAB = 97
@@ -72,13 +71,8 @@ def served(request, tmp_path_factory, bootstrap_peers):
     """(distributed model, local model) of one architecture, served by two servers."""
     directory = make_model(tmp_path_factory.mktemp("models") / f"tiny-{request.param}", request.param)
     local = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    logs = tmp_path_factory.mktemp("logs")
-    with LocalSwarm(directory, SPANS, log_dir=logs, initial_peers=bootstrap_peers) as swarm:
-        model = AutoDistributedModel.from_pretrained(directory, initial_peers=swarm.initial_peers, coverage_timeout=30)
-        try:
-            yield model, local
-        finally:
-            model.remote.shutdown()
+    with served_model(directory, SPANS, bootstrap_peers, tmp_path_factory.mktemp("logs")) as model:
+        yield model, local
 
 
 def test_logits_and_greedy_tokens_match_local(served):
@@ -138,6 +132,9 @@ UNSUPPORTED = {
         "DebertaV2Config", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37), "rel_embeddings",
     ),
     "clip": ("CLIPConfig", {}, "no single list"),  # two towers
+    "albert": (  # one group of layers run num_hidden_layers times
+        "AlbertConfig", dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=37), "layers from a list of 1",
+    ),
 }  # fmt: skip
 
 

@@ -11,8 +11,7 @@ import transformers
 from PIL import Image
 from transformers import DPTImageProcessorPil, pipeline
 
-from swarm import AutoDistributedModel
-from swarm.launch import LocalSwarm
+from tests.conftest import served_model
 
 ATOL = 1e-4
 SPANS = ["0:2", "2:5"]
@@ -41,12 +40,8 @@ def served(request, tmp_path_factory, bootstrap_peers):
     model_class(make_config()).eval().save_pretrained(directory)
     DPTImageProcessorPil(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(directory)
     local = model_class.from_pretrained(directory).eval()
-    with LocalSwarm(directory, SPANS, log_dir=tmp_path_factory.mktemp("logs"), initial_peers=bootstrap_peers) as swarm:
-        model = AutoDistributedModel.from_pretrained(directory, initial_peers=swarm.initial_peers, coverage_timeout=30)
-        try:
-            yield request.param, model, local, directory
-        finally:
-            model.remote.shutdown()
+    with served_model(directory, SPANS, bootstrap_peers, tmp_path_factory.mktemp("logs")) as model:
+        yield request.param, model, local, directory
 
 
 def test_depth_matches_local_and_only_read_layers_travel(served, monkeypatch):

@@ -13,9 +13,8 @@ import transformers
 from PIL import Image
 from transformers import AutoConfig, BertTokenizer, ViTImageProcessorPil, pipeline
 
-from swarm import AutoDistributedModel
 from swarm.errors import BadRequestError
-from swarm.launch import LocalSwarm
+from tests.conftest import served_model
 
 ATOL = 1e-5
 SPANS = ["0:2", "2:5"]
@@ -61,12 +60,8 @@ def served(request, tmp_path_factory, bootstrap_peers):
     """(name, distributed model, local model, model folder) of one encoder, served by two servers."""
     directory = make_model(tmp_path_factory.mktemp("models") / f"tiny-{request.param}", request.param)
     local = getattr(transformers, MODELS[request.param][0]).from_pretrained(directory).eval()
-    with LocalSwarm(directory, SPANS, log_dir=tmp_path_factory.mktemp("logs"), initial_peers=bootstrap_peers) as swarm:
-        model = AutoDistributedModel.from_pretrained(directory, initial_peers=swarm.initial_peers, coverage_timeout=30)
-        try:
-            yield request.param, model, local, directory
-        finally:
-            model.remote.shutdown()
+    with served_model(directory, SPANS, bootstrap_peers, tmp_path_factory.mktemp("logs")) as model:
+        yield request.param, model, local, directory
 
 
 def example_inputs(name: str) -> dict:

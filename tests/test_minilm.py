@@ -7,10 +7,9 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, pipeline
 
-from swarm import AutoDistributedModel
 from swarm.errors import ConfigurationError
-from swarm.launch import LocalSwarm
 from swarm.minilm import minilm_checkpoint, sentence_embeddings
+from tests.conftest import served_model
 
 SENTENCES = ["A cat sits on the mat.", "A kitten is resting on a rug.", "The stock market fell sharply today, again."]
 
@@ -18,12 +17,8 @@ SENTENCES = ["A cat sits on the mat.", "A kitten is resting on a rug.", "The sto
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory, bootstrap_peers):
     path = minilm_checkpoint()
-    with LocalSwarm(path, ["0:2", "2:6"], log_dir=tmp_path_factory.mktemp("logs"), initial_peers=bootstrap_peers) as swarm:
-        model = AutoDistributedModel.from_pretrained(path, initial_peers=swarm.initial_peers, coverage_timeout=30)
-        try:
-            yield model, AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-        finally:
-            model.remote.shutdown()
+    with served_model(path, ["0:2", "2:6"], bootstrap_peers, tmp_path_factory.mktemp("logs")) as model:
+        yield model, AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def test_sentence_embeddings_match_local(minilm):

@@ -68,6 +68,7 @@ class EncoderLayout:
     count: int
     hidden_size: int
     takes_mask: bool  # whether its layers take an attention mask (a ViT's in DPT take the hidden states alone)
+    returns: int  # what a layer returns: 1, the hidden states; n, a tuple of n (FNet, MegatronBERT)
     config: object  # the configuration of the sub-model that holds them (a depth model's backbone has its own)
     reads_outputs: tuple[int, ...] | None  # the layers whose outputs the model's own code reads; None: any
     rename: Callable[[str], str]  # checkpoint tensor name -> the model's own, by transformers' loading rules
@@ -158,6 +159,7 @@ class EncoderFamily(ModelFamily):
                 inputs=("attention_mask",),
                 owner=layout.owner,
                 reads_outputs=layout.reads_outputs,
+                returns=layout.returns,
             ),
         )
 
@@ -214,6 +216,19 @@ def _named_parameters(layer_class: type) -> frozenset[str]:
     ) - {"self"}
 
 
+def _returns(layer: nn.Module, hidden_size: int, model_type: str | None) -> int:
+    """How many values `layer` returns (1: a tensor), found by running it on the meta device."""
+    mask = {"attention_mask": None} if "attention_mask" in _named_parameters(type(layer)) else {}
+    try:
+        with torch.no_grad():
+            output = layer(torch.empty(1, 2, hidden_size, device="meta"), **mask)
+    except Exception as error:
+        raise UnsupportedModelError(model_type, f"swarm could not run its layer on the meta device to see what it returns ({error})") from None
+    if isinstance(output, tuple) and len(output) == 1:  # FNet; `ClientStack.returns` cannot say so
+        raise UnsupportedModelError(model_type, "its layers return a tuple of one tensor")
+    return len(output) if isinstance(output, tuple) else 1
+
+
 def read_encoder_layout(config, reads_outputs: ReadsOutputs | None = None) -> EncoderLayout:
     """The layout of `config`'s encoder, or `UnsupportedModelError` naming why swarm cannot serve it."""
     model_type = getattr(config, "model_type", None)
@@ -247,6 +262,9 @@ def read_encoder_layout(config, reads_outputs: ReadsOutputs | None = None) -> En
     # the outermost model whose call takes an attention mask gives it as its user did (its forward makes the 4-D one)
     owner = next((path for path in models if "attention_mask" in _named_parameters(type(model.get_submodule(path)))), models[-1])
     layers_model = model.get_submodule(models[-1])  # the innermost: its config describes the layers
+    count = getattr(layers_model.config, "num_hidden_layers", len(layers))
+    if count != len(layers):  # ALBERT runs one group of layers num_hidden_layers times
+        raise UnsupportedModelError(model_type, f"its forward runs {count} layers from a list of {len(layers)}")
     read = reads_outputs(config) if reads_outputs is not None else None
     backbones = [model.get_submodule(path) for path in models if isinstance(model.get_submodule(path), BackboneMixin)]
     if read is None and backbones:  # a backbone's stage 0 is the embeddings' output, stage i the output of layer i - 1
@@ -259,6 +277,7 @@ def read_encoder_layout(config, reads_outputs: ReadsOutputs | None = None) -> En
         count=len(layers),
         hidden_size=layers_model.config.hidden_size,
         takes_mask="attention_mask" in _named_parameters(type(layers[0])),
+        returns=_returns(layers[0], layers_model.config.hidden_size, model_type),
         config=layers_model.config,
         reads_outputs=tuple(read) if read is not None else None,
         rename=loading_renamer(model),
