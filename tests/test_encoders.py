@@ -146,3 +146,17 @@ def test_the_client_picks_the_encoder_family_by_the_class_the_checkpoint_names(t
     assert isinstance(family_for(config), EncoderFamily)
     config.architectures = ["BertLMHeadModel"]
     assert isinstance(family_for(config), DecoderFamily)
+
+
+def test_bad_requests_get_clear_errors_and_the_servers_keep_serving(served):
+    _, model, local, _ = served
+    width = local.config.hidden_size
+    bad = [
+        ({"hidden_states": torch.zeros(1, 3, width + 1)}, "hidden_states must have shape"),
+        ({"hidden_states": torch.zeros(1, 3, width), "output_layers": torch.tensor([0.5])}, "output_layers must be int64"),
+        ({"hidden_states": torch.zeros(1, 3, width), "position_ids": torch.zeros(1, 3, dtype=torch.int64)}, "unexpected tensors"),
+    ]
+    for tensors, message in bad:
+        with pytest.raises(BadRequestError, match=message):
+            model.remote.forward(tensors)
+    test_outputs_match_local(served)
