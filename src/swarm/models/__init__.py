@@ -18,7 +18,8 @@ from swarm.errors import UnsupportedModelError
 from swarm.models.alibi import bloom_alibi, falcon_alibi
 from swarm.models.base import ModelFamily
 from swarm.models.decoder import DecoderFamily
-from swarm.models.encoder import CAUSAL_LM_CLASSES, EncoderFamily, dpt_reads_outputs
+from swarm.models.encoder import EncoderFamily, dpt_reads_outputs
+from swarm.models.encoder_layout import CAUSAL_LM_CLASSES
 from swarm.models.llama import llama_layer_forward
 from swarm.models.mixtral import fuse_mixtral_experts
 from swarm.models.t5 import T5Family
