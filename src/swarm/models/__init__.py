@@ -45,6 +45,8 @@ def family_for(config) -> ModelFamily:
     model_type = getattr(config, "model_type", None)
     if model_type in FAMILIES:
         return FAMILIES[model_type]
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(model_type, "it is an encoder-decoder model, and swarm has no family for it yet")
     architecture = (getattr(config, "architectures", None) or [None])[0]
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (architecture is None or architecture in CAUSAL_LM_CLASSES):
         return CAUSAL_LM
