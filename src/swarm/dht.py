@@ -14,6 +14,15 @@ from swarm.logs import configure_logging
 logger = logging.getLogger(__name__)
 
 
+def add_join_arguments(parser: argparse.ArgumentParser, required: bool = False):
+    """`--initial-peers` or `--new-swarm`, `--host` and `--port`: how a peer joins the swarm's DHT, or starts one."""
+    peers = parser.add_mutually_exclusive_group(required=required)
+    peers.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR", help="multiaddrs of DHT peers")
+    peers.add_argument("--new-swarm", action="store_true", help="start a new swarm and print its multiaddrs")
+    parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=0, help="DHT port (default: 0, any free port)")
+
+
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(prog="python -m swarm.dht", description="Run a bootstrap DHT peer.")
     parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: 0.0.0.0)")

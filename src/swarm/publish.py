@@ -26,6 +26,7 @@ from pathlib import Path
 
 import hivemind
 
+from swarm.dht import add_join_arguments
 from swarm.distribution.fetch import Seeding
 from swarm.distribution.publish import default_identity_path, publish_model
 from swarm.distribution.records import Identity
@@ -116,11 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m swarm.publish", description="Publish a model to the swarm and seed it.")
     parser.add_argument("model_dir", type=Path, help="the model's folder (Hugging Face layout, or a diffusers pipeline)")
     parser.add_argument("--name", required=True, help="the name peers fetch it by")
-    peers = parser.add_mutually_exclusive_group(required=True)
-    peers.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR", help="multiaddrs of DHT peers")
-    peers.add_argument("--new-swarm", action="store_true", help="start a new swarm and print its multiaddrs")
-    parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=0, help="DHT port (default: any)")
+    add_join_arguments(parser, required=True)
     parser.add_argument("--torrent-port", type=int, default=0, help="libtorrent port (default: any)")
     parser.add_argument("--announce-host", help="address other peers dial (default: --host or a visible one)")
     parser.add_argument("--work-dir", type=Path, help="where the split model is written (default ~/.cache/swarm/published/NAME)")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from swarm.dht import add_join_arguments
 from swarm.errors import ConfigurationError
 from swarm.logs import configure_logging
 from swarm.server.config import ServerConfig
@@ -60,11 +61,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--rebalance-period", type=float, default=60.0, help="seconds between checks whether to move a chosen span"
     )
     parser.add_argument("--model-name", help="name to announce in the DHT (default: repo id or directory name)")
-    peers = parser.add_mutually_exclusive_group()
-    peers.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR", help="multiaddrs of DHT peers")
-    peers.add_argument("--new-swarm", action="store_true", help="start a new swarm and print its multiaddrs")
-    parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=0, help="DHT port (default: 0, any free port)")
+    add_join_arguments(parser)
     parser.add_argument("--transport-port", type=int, default=0, help="tensor transport port (default: any)")
     parser.add_argument("--announce-host", help="address that clients dial (default: --host or a visible one)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations dtype")
