@@ -10,6 +10,8 @@ load the client's dependencies.
 """
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -24,3 +26,14 @@ def __getattr__(name: str):
     if name in ("publish", "fetch"):
         return importlib.import_module(f"swarm.{name}")  # a callable module
     raise AttributeError(f"module 'swarm' has no attribute {name!r}")
+
+
+def make_module_callable(module_name: str, function):
+    """Lets `swarm.NAME(...)` call `function`, while `python -m swarm.NAME` still runs that module's `main`."""
+
+    class CallableModule(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return function(*args, **kwargs)
+
+    CallableModule.__call__.__doc__ = function.__doc__
+    sys.modules[module_name].__class__ = CallableModule

@@ -16,11 +16,11 @@ import logging
 import signal
 import sys
 import threading
-import types
 from pathlib import Path
 
 import hivemind
 
+from swarm import make_module_callable
 from swarm.distribution.fetch import ANNOUNCEMENT_FILE, DEFAULT_TIMEOUT, Seeding, fetch_files
 from swarm.distribution.torrents import TorrentSession
 from swarm.errors import ConfigurationError, SwarmError
@@ -103,14 +103,7 @@ def seed_until_stopped(args) -> int:
     return 0
 
 
-class _CallableModule(types.ModuleType):
-    """Lets `swarm.fetch(...)` call `fetch`, while `python -m swarm.fetch` runs `main`."""
-
-    def __call__(self, *args, **kwargs) -> Path:
-        return fetch(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_module_callable(__name__, fetch)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,11 +21,11 @@ import logging
 import signal
 import sys
 import threading
-import types
 from pathlib import Path
 
 import hivemind
 
+from swarm import make_module_callable
 from swarm.dht import add_join_arguments
 from swarm.distribution.fetch import Seeding
 from swarm.distribution.publish import default_identity_path, publish_model
@@ -149,14 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class _CallableModule(types.ModuleType):
-    """Lets `swarm.publish(...)` call `publish`, while `python -m swarm.publish` runs `main`."""
-
-    def __call__(self, *args, **kwargs) -> Publisher:
-        return publish(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_module_callable(__name__, publish)
 
 if __name__ == "__main__":
     sys.exit(main())
