@@ -12,6 +12,7 @@ from swarm.client.connect import connect
 from swarm.client.diffusion import DistributedUNet2DConditionModel
 from swarm.client.encoder import DistributedEncoderModel
 from swarm.client.seq2seq_lm import DistributedModelForSeq2SeqLM
+from swarm.client.text_to_speech import DistributedModelForTextToSpeech
 
 # `ModelFamily.client_kind` -> the class that drives the model on the client (its `from_swarm` builds it)
 CLIENT_KINDS = {
@@ -19,6 +20,7 @@ CLIENT_KINDS = {
     "seq2seq_lm": DistributedModelForSeq2SeqLM,
     "diffusion_unet": DistributedUNet2DConditionModel,
     "encoder": DistributedEncoderModel,
+    "text_to_speech": DistributedModelForTextToSpeech,
 }
 
 
@@ -39,7 +41,7 @@ class AutoDistributedModel:
     ):
         """Loads only the client-side weights of `name_or_path` and finds servers for its blocks.
 
-        Returns the model's own class (a causal or sequence-to-sequence LM, an encoder) with its blocks in the swarm; for a
+        Returns the model's own class (a causal or sequence-to-sequence LM, an encoder, a text-to-speech model) with its blocks in the swarm; for a
         diffusers pipeline folder, the pipeline with its UNet in the swarm (its other components run here).
         Waits up to `coverage_timeout` seconds for the swarm to cover every block, then raises
         `MissingBlocksError` naming the blocks that no server hosts; a model swarm cannot cut raises

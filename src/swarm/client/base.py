@@ -165,7 +165,7 @@ class RemoteStack(nn.Module):
         hidden = outputs["hidden_states"]
         if collector is not None and "hidden_states" in collector:
             self._record(collector, hidden_states, outputs, hidden)
-        return hidden if self.stack.returns == 1 else (hidden, *[None] * (self.stack.returns - 1))
+        return hidden if self.stack.returns == 0 else (hidden, *[None] * (self.stack.returns - 1))
 
     def _recorded(self, model, collector: dict | None, session) -> list[int]:
         """The blocks (indices in the stack) whose outputs the servers return: those the model's forward records

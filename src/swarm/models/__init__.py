@@ -22,6 +22,7 @@ from swarm.models.encoder import EncoderFamily, dpt_reads_outputs
 from swarm.models.encoder_layout import CAUSAL_LM_CLASSES
 from swarm.models.llama import llama_layer_forward
 from swarm.models.mixtral import fuse_mixtral_experts
+from swarm.models.seq2seq import SPEECHT5_EXTRAS, Seq2SeqFamily
 from swarm.models.t5 import T5Family
 from swarm.models.unet import UNetFamily
 
@@ -34,6 +35,8 @@ FAMILIES: dict[str, ModelFamily] = {
     "bloom": DecoderFamily(position_bias=bloom_alibi, returns=2),
     "falcon": DecoderFamily(position_bias=falcon_alibi, returns=2),
     "dpt": EncoderFamily(reads_outputs=dpt_reads_outputs),
+    "whisper": Seq2SeqFamily(encoder_mask=False),
+    "speecht5": Seq2SeqFamily(encoder_extras=SPEECHT5_EXTRAS, client_kind="text_to_speech", classes=("SpeechT5ForTextToSpeech",)),
 }
 CAUSAL_LM = DecoderFamily(fast_paths=FAST_PATHS)  # every other causal LM
 ENCODER = EncoderFamily()  # every other model of transformers: served if it is an encoder-only model

@@ -64,7 +64,7 @@ class ClientStack:
     # or of the call to a block, by name; None values stay home
     inputs: tuple[str, ...] = ("attention_mask", "position_ids")
     kept: tuple[str, ...] = ()  # inputs a session keeps from its first step (an encoder's output), sent once
-    returns: int = 1  # what a block returns: 1, the hidden states alone; n, a tuple of n (hidden states first)
+    returns: int = 0  # what a block returns: 0, the hidden states alone; n, a tuple of n (hidden states first)
     # the owner, if not the stack's parent: the module called with the inputs as the model's user gave them ("" for
     # the model itself: an encoder's own forward turns its 2-D attention mask into the 4-D one its layers take)
     owner: str | None = None

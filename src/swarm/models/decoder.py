@@ -59,12 +59,12 @@ class DecoderFamily(ModelFamily):
         self,
         convert_tensors: Callable[[Tensors], Tensors] | None = None,
         position_bias: PositionBias | None = None,
-        returns: int = 1,
+        returns: int = 0,
         fast_paths: dict[type, FastForward] | None = None,
     ):
         self.convert_tensors = convert_tensors  # a block's checkpoint tensors -> the layout transformers builds
         self.position_bias = position_bias
-        self.returns = returns  # what a layer returns: 1 for its hidden states, n for a tuple of n
+        self.returns = returns  # what a layer returns: 0 for its hidden states, n for a tuple of n
         self.fast_paths = fast_paths or {}  # exact layer class -> its checked fast forward
         self._layouts: dict[int, tuple[object, DecoderLayout]] = {}  # id(config) -> (config, its layout)
 
@@ -181,7 +181,7 @@ class DecoderFamily(ModelFamily):
         optional = {"position_embeddings": embeddings, "position_ids": positions, "use_cache": cache is not None, "alibi": alibi}
         arguments.update((name, value) for name, value in optional.items() if name in layout.parameters)
         output = block(hidden, **arguments)
-        if isinstance(output, tuple) != (self.returns > 1):
+        if isinstance(output, tuple) != (self.returns > 0):
             raise UnsupportedModelError(
                 loaded.config.model_type, f"its layers return a {type(output).__name__}, which its family does not declare"
             )

@@ -50,7 +50,7 @@ class EncoderLayout:
     count: int
     hidden_size: int
     takes_mask: bool  # whether its layers take an attention mask (a ViT's in DPT take the hidden states alone)
-    returns: int  # what a layer returns: 1, the hidden states; n, a tuple of n (FNet, MegatronBERT)
+    returns: int  # what a layer returns: 0, the hidden states; n, a tuple of n (FNet, MegatronBERT)
     config: object  # the configuration of the sub-model that holds them (a depth model's backbone has its own)
     reads_outputs: tuple[int, ...] | None  # the layers whose outputs the model's own code reads; None: any
     rename: Callable[[str], str]  # checkpoint tensor name -> the model's own, by transformers' loading rules
@@ -101,16 +101,14 @@ def _named_parameters(layer_class: type) -> frozenset[str]:
 
 
 def _returns(layer: nn.Module, hidden_size: int, model_type: str | None) -> int:
-    """How many values `layer` returns (1: a tensor), found by running it on the meta device."""
+    """How many values `layer` returns (0: a tensor alone), found by running it on the meta device."""
     mask = {"attention_mask": None} if "attention_mask" in _named_parameters(type(layer)) else {}
     try:
         with torch.no_grad():
             output = layer(torch.empty(1, 2, hidden_size, device="meta"), **mask)
     except Exception as error:
         raise UnsupportedModelError(model_type, f"swarm could not run its layer on the meta device to see what it returns ({error})") from None
-    if isinstance(output, tuple) and len(output) == 1:  # FNet; `ClientStack.returns` cannot say so
-        raise UnsupportedModelError(model_type, "its layers return a tuple of one tensor")
-    return len(output) if isinstance(output, tuple) else 1
+    return len(output) if isinstance(output, tuple) else 0
 
 
 def read_encoder_layout(config, reads_outputs: ReadsOutputs | None = None) -> EncoderLayout:
