@@ -132,8 +132,10 @@ UNSUPPORTED = {
         "DebertaV2Config", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37), "rel_embeddings",
     ),
     "clip": ("CLIPConfig", {}, "no single list"),  # two towers
-    "whisper": ("WhisperConfig", dict(d_model=32, encoder_layers=2, decoder_layers=2), "encoder-decoder model"),
-    "speecht5": ("SpeechT5Config", dict(hidden_size=32, encoder_layers=2, decoder_layers=2), "encoder-decoder model"),
+    "bart": ("BartConfig", dict(d_model=32, encoder_layers=2, decoder_layers=2), "encoder-decoder model"),
+    "speecht5": (  # served as text to speech only
+        "SpeechT5Config", dict(hidden_size=32, encoder_layers=2, decoder_layers=2), "serves it as SpeechT5ForTextToSpeech",
+    ),
     "albert": (  # one group of layers run num_hidden_layers times
         "AlbertConfig", dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=37), "layers from a list of 1",
     ),

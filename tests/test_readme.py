@@ -12,7 +12,7 @@ from tests.test_depth import MODELS as DEPTH_MODELS
 from tests.test_encoders import MODELS as ENCODERS
 
 ROOT = Path(__file__).resolve().parents[1]
-OWN_TESTS = {"llama", "mixtral", "t5", "UNet2DConditionModel"}  # each has test files of its own
+OWN_TESTS = {"llama", "mixtral", "t5", "whisper", "speecht5", "UNet2DConditionModel"}  # each has test files of its own
 
 
 def table_rows() -> list[list[str]]:

@@ -139,9 +139,8 @@ class Seq2SeqFamily(ModelFamily):
     def prepare_config(self, config):
         architecture = (getattr(config, "architectures", None) or [None])[0]
         if self.classes is not None and architecture not in self.classes:
-            raise UnsupportedModelError(
-                config.model_type, f"swarm serves it as {' or '.join(self.classes)}, and the checkpoint is a {architecture}"
-            )
+            named = f"names {architecture}" if architecture else "names no class"
+            raise UnsupportedModelError(config.model_type, f"swarm serves it as {' or '.join(self.classes)}; its checkpoint {named}")
         self.layout(config)
         return config
 
