@@ -133,6 +133,29 @@ def test_generation_matches_local(whisper, settings):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"condition_on_prev_tokens": True},  # left-padded previous windows' text: decoder masks and positions travel
+        {"temperature": (0.0, 0.4, 0.8), "logprob_threshold": -1.0, "compression_ratio_threshold": 1.35},  # fallbacks
+    ],
+    ids=["conditioned", "temperature-fallback"],
+)
+def test_batched_long_form_generation_matches_local(whisper, settings):
+    """Whisper's own long-form decoding of two recordings longer than a window, each window (and each fallback
+    temperature) a decoding of its own."""
+    model, local, directory = whisper
+    extractor = WhisperFeatureExtractor.from_pretrained(directory)
+    audio = [waveform(40.0, seed=1), waveform(33.0, seed=2)]
+    inputs = extractor(audio, sampling_rate=RATE, return_tensors="pt", truncation=False, padding="longest", return_attention_mask=True)
+    kwargs = dict(**inputs, max_new_tokens=20, return_timestamps=True, **settings)
+    torch.manual_seed(7)
+    remote = model.generate(**kwargs)
+    torch.manual_seed(7)
+    expected = local.generate(**kwargs)
+    assert torch.equal(remote, expected) and remote.shape[1] > 20
+
+
 def pipelines(model, local, directory):
     parts = dict(
         tokenizer=WhisperTokenizerFast.from_pretrained(directory),
