@@ -11,7 +11,7 @@ from swarm.checkpoint import CheckpointIndex, load_model_config
 from swarm.models import FAMILIES, FAST_PATHS
 from swarm.models.base import load_span
 from swarm.models.decoder import DecoderFamily
-from swarm.server.handlers import RequestHandler
+from swarm.server.handlers import RequestHandler, RequestLimits
 from swarm.server.sessions import SessionManager
 from swarm.spans import BlockSpan
 from swarm.transport import Connection, TensorServer
@@ -38,7 +38,7 @@ def test_requests_from_several_connections_compute_on_one_thread(tiny_llama):
         checkpoint = CheckpointIndex(weights)
         loaded = compute.submit(load_span, family, config, checkpoint, span, torch.float32, "cpu").result()
         family.threads.clear()
-        handler = RequestHandler(family, loaded, SessionManager(60), "tiny", "0", 64, compute)
+        handler = RequestHandler(family, loaded, SessionManager(60), "tiny", "0", RequestLimits(max_session_length=64), compute)
         server = TensorServer("127.0.0.1", 0, handler).start()
         hidden = torch.randn(1, 4, config.hidden_size)
         expected = torch.inference_mode()(family.forward)(loaded, span, {"hidden_states": hidden}, None, None)

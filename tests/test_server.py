@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from swarm import AutoDistributedModel, wire
-from swarm.errors import BadRequestError, PeerError
+from swarm.errors import BadRequestError, PeerError, SessionExpiredError
 from swarm.launch import LocalSwarm, PeerProcess
 from swarm.records import ServerState, fetch_records
 from swarm.transport import Connection
@@ -111,11 +111,11 @@ def test_bad_steps_get_clear_errors(first_server):
 
 
 def test_unknown_and_closed_sessions(first_server):
-    with pytest.raises(BadRequestError, match="unknown or closed"):
+    with pytest.raises(SessionExpiredError, match="holds no session"):
         step(first_server, "no-such-session", torch.zeros(1, 1, 60))
     session_id = open_session(first_server)
     assert first_server.request({"method": "close", "session_id": session_id})[0]["closed"]
-    with pytest.raises(BadRequestError, match="unknown or closed"):
+    with pytest.raises(SessionExpiredError, match="holds no session"):
         step(first_server, session_id, torch.zeros(1, 1, 60))
 
 
@@ -153,11 +153,12 @@ def test_malformed_messages_do_not_disturb_other_clients(llama_swarm_3, first_se
 def test_a_client_that_stops_reading_does_not_hold_up_the_others(llama_swarm_3, first_server):
     """The compute thread sends replies; a reply the client does not read must not block it."""
     host, port = llama_swarm_3.servers[0].address.split(":")
-    hidden = torch.zeros(6000, 16, 60)  # a 23 MB reply: more than the socket buffers hold
+    hidden = torch.zeros(64, 256, 60)  # the largest request the default limits take: three replies of 3.9 MB are
+    # more than the socket buffers hold
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         request = wire.encode({"method": "forward", "start": 0, "end": 1}, {"hidden_states": hidden})
-        sock.sendall(b"".join(bytes(part) for part in request))
+        sock.sendall(b"".join(bytes(part) for part in request) * 3)
         session_id = open_session(first_server)
         started = time.monotonic()
         reply, outputs = step(first_server, session_id, torch.ones(1, 3, 60))
@@ -192,7 +193,7 @@ def test_idle_sessions_are_freed(bfloat16_swarm):
     try:
         reply, _ = connection.request({"method": "open", "start": 0, "end": 5, "max_length": 4})
         time.sleep(3)
-        with pytest.raises(BadRequestError, match="unknown or closed"):
+        with pytest.raises(SessionExpiredError, match="holds no session"):
             step(connection, reply["session_id"], torch.zeros(1, 1, 60, dtype=torch.bfloat16))
     finally:
         connection.close()

@@ -5,15 +5,22 @@
     │   └── UnsupportedModelError  swarm cannot cut this model's architecture (yet)
     ├── RemoteError               a server answered with an error of its own: retry elsewhere
     │   ├── BadRequestError       the request was malformed or out of bounds (server stays up): a bug, not retried
-    │   └── ServerUnavailableError  the server is leaving and takes no new sessions: retry elsewhere
+    │   ├── ServerUnavailableError  the server is leaving and takes no new sessions: retry elsewhere
+    │   ├── ServerBusyError       the server is at one of its limits (connections, sessions, cache memory): retry elsewhere
+    │   ├── SessionExpiredError   the server no longer holds the session (idle too long, restarted, moved): replay it
+    │   └── InternalServerError   the server failed while running the request: retried once elsewhere
     ├── ProtocolError             a message broke the wire format; the connection is dropped
     ├── PeerError                 a peer failed or vanished: retry elsewhere
-    │   └── PeerTimeoutError      a peer did not answer in time
+    │   ├── PeerTimeoutError      a peer did not answer in time
+    │   └── BadReplyError         a peer's reply is not what was asked for (keys, shapes, dtypes, length)
     └── SwarmUnavailableError     the swarm can't serve the model now
         └── MissingBlocksError    no server covers these blocks
 
 `PeerError` and `RemoteError` other than `BadRequestError` are failures of a peer, worth retrying on
 another one (see `swarm.client.retry`); everything else is raised at once.
+
+On the wire, a server's error reply is `{"error": {"kind": K, "message": M}}` with K one of the kinds below
+(`RemoteError.kind`) and M a sentence for a person: never a Python exception's name or a traceback.
 """
 
 from __future__ import annotations
@@ -58,6 +65,36 @@ class ServerUnavailableError(RemoteError):
         super().__init__(message, kind="Unavailable")
 
 
+class ServerBusyError(RemoteError):
+    """The server is at one of its limits (open connections, sessions, cache memory); another server, or this
+    one later, can take the request."""
+
+    def __init__(self, message: str):
+        super().__init__(message, kind="Busy")
+
+
+class SessionExpiredError(RemoteError):
+    """The server does not hold the session any more: it was idle too long, or the server restarted or moved to
+    other blocks. The client opens a new one and replays what the lost one was sent."""
+
+    def __init__(self, message: str):
+        super().__init__(message, kind="SessionExpired")
+
+
+class InternalServerError(RemoteError):
+    """The server failed while running a well-formed request (the details are in its log)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, kind="Internal")
+
+
+# the kind on the wire -> the error a client raises for it (any other kind: `RemoteError`)
+ERROR_KINDS = {
+    kind_class("").kind: kind_class
+    for kind_class in (BadRequestError, ServerUnavailableError, ServerBusyError, SessionExpiredError, InternalServerError)
+}
+
+
 class ProtocolError(SwarmError):
     """Bytes on the wire do not form a valid message."""
 
@@ -68,6 +105,10 @@ class PeerError(SwarmError):
 
 class PeerTimeoutError(PeerError, TimeoutError):
     """A peer did not answer within the allotted time."""
+
+
+class BadReplyError(PeerError):
+    """A server's reply is not what was asked for: the client leaves that server out and goes elsewhere."""
 
 
 class SwarmUnavailableError(SwarmError):

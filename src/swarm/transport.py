@@ -3,25 +3,36 @@
 The hivemind DHT finds peers; hidden states travel on these direct connections, which cost a
 fraction of a millisecond per hop on a LAN. A server runs one thread per connection; a client
 holds one `Connection` per server it talks to and sends one request at a time on it.
+
+Neither end trusts the other's bytes (`TransportLimits`): a frame is read against a deadline, memory grows only
+as its bytes arrive (a peer that merely claims a huge size costs nothing), frames past a size limit are refused,
+a server keeps a bounded number of connections and closes idle ones, and its accept loop outlives any error.
+Error replies carry a documented kind and a sentence (`swarm.errors`), never a traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import select
 import socket
 import threading
+import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from swarm import wire
 from swarm.errors import (
+    ERROR_KINDS,
     BadRequestError,
+    InternalServerError,
     PeerError,
     PeerTimeoutError,
     ProtocolError,
     RemoteError,
-    ServerUnavailableError,
+    ServerBusyError,
 )
 
 logger = logging.getLogger(__name__)
@@ -29,29 +40,55 @@ logger = logging.getLogger(__name__)
 Message = tuple[dict[str, Any], dict[str, torch.Tensor]]
 Handler = Callable[[dict[str, Any], dict[str, torch.Tensor], "ConnectionContext"], Message | None]
 
-
-PREALLOCATE_LIMIT = 64 << 20  # larger messages are received in chunks, so a peer that only claims a huge
-# size costs this much memory at most until its bytes actually arrive
+CHUNK = 1 << 20  # a frame's bytes are received into buffers of at most this size, allocated as they arrive
 
 
-def receive_exactly(sock: socket.socket, size: int) -> bytearray:
-    if size > PREALLOCATE_LIMIT:
-        chunks = [receive_exactly(sock, min(PREALLOCATE_LIMIT, size - done)) for done in range(0, size, PREALLOCATE_LIMIT)]
-        return bytearray().join(chunks)
-    buffer = bytearray(size)
-    view, received = memoryview(buffer), 0
+@dataclass(frozen=True)
+class TransportLimits:
+    """What one end accepts from the other."""
+
+    max_message_bytes: int = 1 << 30  # largest frame (header and body) accepted
+    frame_timeout: float = 60.0  # seconds a frame may take to arrive, from its first byte to its last
+    idle_timeout: float = 900.0  # seconds a server keeps a connection that sends nothing
+    max_connections: int = 1024  # connections a server serves at once; more are answered "Busy" and closed
+
+
+def receive_exactly(sock: socket.socket, size: int, deadline: float) -> bytearray:
+    """`size` bytes from `sock` by `deadline` (time.monotonic), or `socket.timeout`; buffers of at most `CHUNK`
+    bytes are allocated as the bytes arrive."""
+    chunks, received = [], 0
     while received < size:
-        count = sock.recv_into(view[received:], size - received)
-        if count == 0:
-            raise ConnectionError("connection closed by peer")
-        received += count
-    return buffer
+        chunk = bytearray(min(CHUNK, size - received))
+        view, filled = memoryview(chunk), 0
+        while filled < len(chunk):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("the frame did not arrive in time")
+            sock.settimeout(remaining)
+            count = sock.recv_into(view[filled:], len(chunk) - filled)
+            if count == 0:
+                raise ConnectionError("connection closed by peer")
+            filled += count
+        chunks.append(chunk)
+        received += len(chunk)
+    return chunks[0] if len(chunks) == 1 else bytearray().join(chunks)
 
 
-def receive_message(sock: socket.socket) -> Message:
-    header_length, body_length = wire.decode_prefix(bytes(receive_exactly(sock, wire.FRAME_PREFIX.size)))
-    header = receive_exactly(sock, header_length)
-    body = receive_exactly(sock, body_length)
+def receive_message(
+    sock: socket.socket, limits: TransportLimits, first_byte_timeout: float | None = None, deadline: float | None = None
+) -> Message:
+    """One frame: its first byte within `first_byte_timeout` (default: the frame timeout), the whole of it within
+    `limits.frame_timeout` of that, and all of it by `deadline` if given; `ProtocolError` for a frame past
+    `limits.max_message_bytes` or malformed."""
+    first_deadline = time.monotonic() + (first_byte_timeout or limits.frame_timeout)
+    first = receive_exactly(sock, 1, min(first_deadline, deadline or first_deadline))
+    deadline = min(time.monotonic() + limits.frame_timeout, deadline or float("inf"))
+    prefix = bytes(first + receive_exactly(sock, wire.FRAME_PREFIX.size - 1, deadline))
+    header_length, body_length = wire.decode_prefix(prefix)
+    if header_length + body_length > limits.max_message_bytes:
+        raise ProtocolError(f"a frame of {header_length + body_length} bytes exceeds the limit of {limits.max_message_bytes}")
+    header = receive_exactly(sock, header_length, deadline)
+    body = receive_exactly(sock, body_length, deadline)
     return wire.decode(bytes(header), body)
 
 
@@ -84,6 +121,16 @@ class ConnectionContext:
         self.on_close: list[Callable[[], None]] = []
         self.unsent = b""  # what `reply` could not send at once, for the connection's own thread to send
 
+    def peer_is_gone(self) -> bool:
+        """Whether the peer has closed the connection (a request whose client has gone is not worth computing)."""
+        if self.sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            return bool(readable) and self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (OSError, ValueError):
+            return True
+
     def reply(self, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None):
         """Sends the reply to the request being handled, from any thread, without ever waiting for the peer:
         what the socket does not take at once is left in `unsent`. A handler that replies this way returns
@@ -101,16 +148,19 @@ class TensorServer:
     """Accepts connections on (host, port) and answers each request with `handler(fields, tensors, context)`
     (or lets the handler send its reply with `context.reply` and return None).
 
-    A handler raises `BadRequestError` for bad input: the client gets the message, the connection stays.
-    A frame that breaks the wire format gets an error reply, then the connection is closed.
+    A handler raises a `RemoteError` (`BadRequestError`, `ServerBusyError`, ...) to answer with its kind and
+    message; the connection stays. Any other exception is logged here and answered as an internal error. A frame
+    that breaks the wire format or `limits` gets an error reply, then the connection is closed.
     """
 
-    def __init__(self, host: str, port: int, handler: Handler):
+    def __init__(self, host: str, port: int, handler: Handler, limits: TransportLimits | None = None):
         self.handler = handler
+        self.limits = limits or TransportLimits()
         self._listener = socket.create_server((host, port), reuse_port=False, backlog=128)
         self.host, self.port = self._listener.getsockname()[:2]
-        self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
+        self._open_connections = 0
+        self._count_lock = threading.Lock()
         self._accept_thread = threading.Thread(target=self._accept_forever, name="swarm-accept", daemon=True)
 
     def start(self) -> "TensorServer":
@@ -125,15 +175,48 @@ class TensorServer:
             pass
         self._listener.close()
 
+    @property
+    def open_connections(self) -> int:
+        return self._open_connections
+
     def _accept_forever(self):
+        """Accepts until stopped, whatever `accept` raises meanwhile (out of file descriptors, a reset, ...)."""
+        logged: set[int] = set()
         while not self._stopping.is_set():
             try:
                 sock, address = self._listener.accept()
-            except OSError:
-                return
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            thread = threading.Thread(target=self._serve_connection, args=(sock, address), daemon=True)
-            thread.start()
+            except OSError as error:
+                if self._stopping.is_set():
+                    return
+                if error.errno not in logged:
+                    logged.add(error.errno)
+                    logger.warning(f"accept() failed ({error}); the server keeps accepting")
+                time.sleep(0.1 if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM) else 0.01)
+                continue
+            try:
+                self._start_connection(sock, address)
+            except Exception as error:  # a thread that cannot start: refuse this connection, keep the others
+                logger.warning(f"Could not serve a connection from {address}: {error}")
+                sock.close()
+
+    def _start_connection(self, sock: socket.socket, address):
+        with self._count_lock:
+            refused = self._open_connections >= self.limits.max_connections
+            if not refused:
+                self._open_connections += 1
+        if refused:
+            sock.setblocking(False)
+            message = f"this server serves at most {self.limits.max_connections} connections at once"
+            _try_send(sock, {"error": {"kind": ServerBusyError("").kind, "message": message}}, nonblocking=True)
+            sock.close()
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            threading.Thread(target=self._serve_connection, args=(sock, address), daemon=True).start()
+        except BaseException:
+            with self._count_lock:
+                self._open_connections -= 1
+            raise
 
     def _serve_connection(self, sock: socket.socket, address):
         context = ConnectionContext(peer=f"{address[0]}:{address[1]}", sock=sock)
@@ -143,29 +226,33 @@ class TensorServer:
                     if not self._serve_one(sock, context):
                         return
         finally:
+            with self._count_lock:
+                self._open_connections -= 1
             for close in context.on_close:
                 close()
 
     def _serve_one(self, sock: socket.socket, context: ConnectionContext) -> bool:
         """Serves one request; returns False when the connection should close."""
         try:
-            fields, tensors = receive_message(sock)
-        except (ConnectionError, OSError):
+            fields, tensors = receive_message(sock, self.limits, first_byte_timeout=self.limits.idle_timeout)
+        except (ConnectionError, OSError):  # closed, reset, or too slow (socket.timeout is an OSError)
             return False
         except ProtocolError as error:
-            logger.warning(f"Malformed message from {context.peer}: {error}")
+            logger.info(f"Malformed message from {context.peer}: {error}")
             _try_send(sock, {"error": {"kind": "ProtocolError", "message": str(error)}})
             return False
         try:
             reply = self.handler(fields, tensors, context)
-        except (BadRequestError, ProtocolError) as error:
+        except ProtocolError as error:
             logger.info(f"Rejected a request from {context.peer}: {error}")
             return _try_send(sock, {"error": {"kind": "BadRequest", "message": str(error)}})
         except RemoteError as error:
+            logger.info(f"Answered a request from {context.peer} with {error.kind}: {error}")
             return _try_send(sock, {"error": {"kind": error.kind, "message": str(error)}})
-        except Exception as error:
+        except Exception:
             logger.exception(f"Failed to serve a request from {context.peer}")
-            return _try_send(sock, {"error": {"kind": type(error).__name__, "message": str(error)}})
+            message = "the server failed while running this request"
+            return _try_send(sock, {"error": {"kind": InternalServerError("").kind, "message": message}})
         if reply is not None:
             return _try_send(sock, *reply)
         unsent, context.unsent = context.unsent, b""
@@ -178,20 +265,28 @@ class TensorServer:
             return False
 
 
-def _try_send(sock: socket.socket, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> bool:
+def _try_send(
+    sock: socket.socket, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, nonblocking: bool = False
+) -> bool:
     try:
-        send_message(sock, fields, tensors)
+        if nonblocking:
+            send_what_fits(sock, fields, tensors, socket.MSG_DONTWAIT)
+        else:
+            sock.settimeout(TransportLimits.frame_timeout)
+            send_message(sock, fields, tensors)
         return True
     except OSError:
         return False
 
 
 class Connection:
-    """A client's connection to one server; `request` sends one message and waits for the reply."""
+    """A client's connection to one server; `request` sends one message and waits for the reply, which must
+    arrive whole within the request's timeout and within `limits.max_message_bytes`."""
 
-    def __init__(self, address: str, timeout: float):
+    def __init__(self, address: str, timeout: float, limits: TransportLimits | None = None):
         self.address = address
         self.timeout = timeout
+        self.limits = limits or TransportLimits()
         host, _, port = address.rpartition(":")
         try:
             self._sock = socket.create_connection((host, int(port)), timeout=timeout)
@@ -206,16 +301,18 @@ class Connection:
     def request(
         self, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, timeout: float | None = None
     ) -> Message:
+        timeout = timeout or self.timeout
         with self._lock:
             if self.closed:
                 raise PeerError(f"connection to {self.address} is closed")
-            self._sock.settimeout(timeout or self.timeout)
+            deadline = time.monotonic() + timeout
             try:
+                self._sock.settimeout(timeout)
                 send_message(self._sock, fields, tensors)
-                reply_fields, reply_tensors = receive_message(self._sock)
+                reply_fields, reply_tensors = receive_message(self._sock, self.limits, timeout, deadline)
             except socket.timeout:
                 self.close()
-                raise PeerTimeoutError(f"{self.address} did not answer within {timeout or self.timeout} s") from None
+                raise PeerTimeoutError(f"{self.address} did not answer within {timeout} s") from None
             except (OSError, ProtocolError) as error:
                 self.close()
                 raise PeerError(f"lost connection to {self.address}: {error}") from None
@@ -232,10 +329,11 @@ class Connection:
 
 
 def _remote_error(address: str, error: Any) -> RemoteError:
-    kind = error.get("kind", "RemoteError") if isinstance(error, dict) else "RemoteError"
-    message = f"{address}: {error.get('message', error) if isinstance(error, dict) else error}"
-    if kind in ("BadRequest", "ProtocolError"):
+    kind = error.get("kind") if isinstance(error, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    message = f"{address}: {message if isinstance(message, str) else repr(error)}"[:2000]
+    if kind == "ProtocolError":
         return BadRequestError(message)
-    if kind == "Unavailable":
-        return ServerUnavailableError(message)
-    return RemoteError(message, kind)
+    if kind in ERROR_KINDS:
+        return ERROR_KINDS[kind](message)
+    return RemoteError(message, kind if isinstance(kind, str) else "RemoteError")

@@ -69,8 +69,10 @@ def decode(header_bytes: bytes, body: bytearray) -> tuple[dict[str, Any], dict[s
     """Parses a header and body into plain fields and tensors, or raises `ProtocolError` saying why."""
     try:
         fields = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, ValueError) as error:  # ValueError: bad JSON, or an integer of too many digits
         raise ProtocolError(f"header is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ProtocolError("header is nested too deeply") from None
     if not isinstance(fields, dict):
         raise ProtocolError("header must be a JSON object")
     descriptors = fields.pop("tensors", [])
@@ -90,6 +92,11 @@ def decode(header_bytes: bytes, body: bytearray) -> tuple[dict[str, Any], dict[s
     return fields, tensors
 
 
+def is_int(value: Any) -> bool:
+    """Whether a decoded JSON value is an integer (JSON's `true` decodes to a Python bool, which is an int too)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_descriptor(descriptor: Any) -> tuple[str, torch.dtype, list[int]]:
     if not isinstance(descriptor, dict):
         raise ProtocolError("each tensor descriptor must be an object")
@@ -98,6 +105,6 @@ def _check_descriptor(descriptor: Any) -> tuple[str, torch.dtype, list[int]]:
         raise ProtocolError("tensor descriptor needs a string 'name'")
     if dtype not in DTYPES:
         raise ProtocolError(f"tensor {name!r} has unsupported dtype {dtype!r}; supported: {sorted(DTYPES)}")
-    if not isinstance(shape, list) or not all(isinstance(dim, int) and 0 <= dim < 2**31 for dim in shape):
+    if not isinstance(shape, list) or len(shape) > 8 or not all(is_int(dim) and 0 <= dim < 2**31 for dim in shape):
         raise ProtocolError(f"tensor {name!r} has an invalid shape {shape!r}")
     return name, DTYPES[dtype], shape

@@ -17,6 +17,8 @@ class ClientConfig:
     ping_timeout: float = 2.0  # seconds to wait for a ping while measuring latencies
     latency_smoothing: float = 0.3  # weight of a new ping in the moving average of a server's latency
     ban_duration: float = 60.0  # seconds a failed server is left out of routes
+    busy_duration: float = 2.0  # seconds a server that answered "busy" (at one of its limits) is left out of routes
+    max_reply_bytes: int = 1 << 30  # largest reply accepted from a server; a larger one is that server's fault
     records_max_age: float = 30.0  # seconds DHT records are reused before being fetched again
     poll_period: float = 0.5  # seconds between DHT look-ups while waiting for coverage
     pinned_peers: set[str] = field(default_factory=set)  # peer ids to use wherever they serve a block

@@ -19,12 +19,21 @@ import torch
 from swarm.client.config import ClientConfig
 from swarm.client.retry import is_retriable
 from swarm.client.routing import Hop, RoutingPreferences, missing_blocks, plan_route, usable_servers
-from swarm.errors import ConfigurationError, MissingBlocksError, PeerError, SwarmUnavailableError
+from swarm.errors import (
+    BadReplyError,
+    ConfigurationError,
+    InternalServerError,
+    MissingBlocksError,
+    PeerError,
+    ServerBusyError,
+    SessionExpiredError,
+    SwarmUnavailableError,
+)
 from swarm.models.base import LAYER_OUTPUT
 from swarm.records import ServerRecord, fetch_records
 from swarm.spans import BlockSpan
-from swarm.transport import Connection
-from swarm.wire import DTYPES
+from swarm.transport import Connection, TransportLimits
+from swarm.wire import DTYPES, is_int
 
 LAYER_OUTPUTS = LAYER_OUTPUT.format("")  # the prefix of blocks' own outputs in a reply
 
@@ -118,9 +127,10 @@ class RemoteBlocks:
         except PeerError:
             return None
 
-    def ban(self, server: ServerRecord, reason: str):
-        logger.warning(f"Leaving out {server.address} ({server.peer_id[-8:]}) for {self.config.ban_duration:.0f} s: {reason}")
-        self.banned_until[server.peer_id] = time.monotonic() + self.config.ban_duration
+    def ban(self, server: ServerRecord, reason: str, duration: float | None = None):
+        duration = self.config.ban_duration if duration is None else duration
+        logger.warning(f"Leaving out {server.address} ({server.peer_id[-8:]}) for {duration:.0f} s: {reason}")
+        self.banned_until[server.peer_id] = time.monotonic() + duration
         self.latencies.pop(server.peer_id, None)
         with self._lock:
             connection = self._connections.pop(server.address, None)
@@ -132,9 +142,13 @@ class RemoteBlocks:
         with self._lock:
             connection = self._connections.get(address)
             if connection is None or connection.closed:
-                connection = Connection(address, self.config.connect_timeout)
+                connection = Connection(address, self.config.connect_timeout, self.transport_limits)
                 self._connections[address] = connection
             return connection
+
+    @property
+    def transport_limits(self) -> TransportLimits:
+        return TransportLimits(max_message_bytes=self.config.max_reply_bytes)
 
     def request_timeout(self, tokens: int) -> float:
         return self.config.step_timeout * max(1, math.ceil(tokens / 256))
@@ -173,8 +187,19 @@ class RemoteBlocks:
         return {name: tensor.to(caller_dtypes.get(name, tensor.dtype)) for name, tensor in result.items()}
 
     def recover(self, hop: Hop, error: Exception, budget, span: BlockSpan) -> list[Hop]:
-        """Bans the failed server, waits out the retry delay, and plans a new route over `span`."""
-        self.ban(hop.server, f"{type(error).__name__}: {error}")
+        """Leaves the failed server out (for `ban_duration`; for `busy_duration` if it was busy; not at all if it
+        had only lost a session), waits out the retry delay, and plans a new route over `span`. A server's
+        internal error is tried on one other server: the same request failing on a second raises at once."""
+        if isinstance(error, InternalServerError):
+            if budget.internal_error is not None:
+                raise InternalServerError(
+                    f"two servers failed on the same request, so it is not tried again: {budget.internal_error}; {error}"
+                ) from error
+            budget.internal_error = error
+        if isinstance(error, ServerBusyError):
+            self.ban(hop.server, f"busy: {error}", self.config.busy_duration)
+        elif not isinstance(error, SessionExpiredError):
+            self.ban(hop.server, f"{type(error).__name__}: {error}")
         delay = budget.next_delay()
         if delay is None:
             raise SwarmUnavailableError(
@@ -205,11 +230,51 @@ def tokens_of(tensors: Tensors) -> int:
 
 
 def run_hop(connection: Connection, hop: Hop, fields: dict, tensors: Tensors, timeout: float) -> tuple[dict, Tensors]:
-    """One request to one hop. Floating-point tensors travel in the server's dtype; None values stay home."""
+    """One request to one hop. Floating-point tensors travel in the server's dtype; None values stay home. A reply
+    that is not what was asked for (`check_reply`) is a `BadReplyError`: that server's fault."""
     server_dtype = DTYPES.get(hop.server.dtype)
     sent = {
         name: tensor.to(server_dtype) if server_dtype is not None and tensor.is_floating_point() else tensor
         for name, tensor in tensors.items()
         if tensor is not None
     }
-    return connection.request(fields, sent, timeout=timeout)
+    reply_fields, reply_tensors = connection.request(fields, sent, timeout=timeout)
+    problem = check_reply(fields, sent, reply_fields, reply_tensors, server_dtype)
+    if problem is not None:
+        connection.close()
+        raise BadReplyError(f"{hop.server.address} sent a reply that {problem}")
+    return reply_fields, reply_tensors
+
+
+def check_reply(fields: dict, sent: Tensors, reply_fields: dict, reply: Tensors, server_dtype) -> str | None:
+    """What is wrong with a reply to a `forward` or `step` request, or None. A pass through blocks returns tensors
+    named and shaped as the ones it was sent (the hidden states), the outputs of the blocks it was asked for, and
+    for a step the session's length; a step of a round-trip model (`phases`) returns what its family makes."""
+    if fields.get("method") not in ("forward", "step"):
+        return None
+    if fields.get("method") == "step" and not (is_int(reply_fields.get("length")) and reply_fields["length"] >= 0):
+        return f"has no valid 'length' ({reply_fields.get('length')!r})"
+    if not reply:
+        return "holds no tensors"
+    for name, tensor in reply.items():
+        if tensor.is_floating_point() and server_dtype is not None and tensor.dtype != server_dtype:
+            return f"holds {name} in {tensor.dtype}, not the server's {server_dtype}"
+    if "phases" in fields:
+        return None
+    start, end = fields.get("start"), fields.get("end")
+    asked = set(sent["output_layers"].tolist()) if "output_layers" in sent else set()
+    for name, tensor in reply.items():
+        if name.startswith(LAYER_OUTPUTS):
+            index = name[len(LAYER_OUTPUTS) :]
+            if not (index.isdigit() and int(index) in asked and (start is None or start <= int(index) < end)):
+                return f"holds {name}, which was not asked for"
+            expected = sent.get("hidden_states")
+        elif name in sent:
+            expected = sent[name]
+        else:
+            return f"holds {name}, which was not asked for"
+        if expected is not None and tensor.shape != expected.shape:
+            return f"holds {name} of shape {tuple(tensor.shape)}, not {tuple(expected.shape)}"
+    if "hidden_states" in sent and "hidden_states" not in reply:
+        return "holds no hidden_states"
+    return None

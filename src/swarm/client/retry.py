@@ -2,7 +2,8 @@
 
 Only peer and transport failures (`PeerError`) and a server's own failures (`RemoteError` other than
 `BadRequestError`) are retried, on other servers. A bad request or a local exception is a bug: it is
-raised at once.
+raised at once. A server's internal error is tried on one other server only (see `RemoteBlocks.recover`), so
+that a request that fails everywhere does not get every healthy server banned in turn.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class RetryBudget:
         self.policy = policy
         self.failures = 0
         self.first_failure: float | None = None
+        self.internal_error: Exception | None = None  # the first server's internal error, if one failed so
 
     def next_delay(self) -> float | None:
         """Records a failure; returns how long to wait before the next try, or None when the budget is spent."""

@@ -26,6 +26,7 @@ import torch
 from swarm.client.remote import RemoteBlocks, Tensors, run_hop, tokens_of
 from swarm.client.retry import RetryBudget, is_retriable
 from swarm.client.routing import Hop
+from swarm.errors import BadReplyError
 from swarm.spans import BlockSpan
 from swarm.transport import Connection
 
@@ -52,12 +53,19 @@ class ServerSession:
     connection: Connection
     session_id: str
     history: list[SentRequest] = field(default_factory=list)  # what the server's state depends on, oldest first
+    length: int = 0  # positions the server's session holds, as its last reply said
 
     def step(self, remote: RemoteBlocks, tensors: Tensors, phases: Phases, step: int) -> tuple[dict, Tensors]:
         fields = {"method": "step", "session_id": self.session_id}
         if phases is not None:
             fields["phases"] = list(phases)
         reply = run_hop(self.connection, self.hop, fields, tensors, remote.request_timeout(tokens_of(tensors)))
+        if phases is None and "hidden_states" in tensors:  # a pass of new positions: the session grows by them
+            expected = self.length + tensors["hidden_states"].shape[1]
+            if reply[0]["length"] != expected:
+                self.connection.close()
+                raise BadReplyError(f"{self.hop.server.address} says its session holds {reply[0]['length']} positions, not {expected}")
+        self.length = reply[0]["length"]
         self.history.append(SentRequest(step, phases, tensors))
         return reply
 
@@ -105,7 +113,7 @@ class InferenceSession:
     def _open(self, hop: Hop) -> ServerSession:
         config = self.remote.config
         try:
-            connection = Connection(hop.server.address, config.connect_timeout)
+            connection = Connection(hop.server.address, config.connect_timeout, self.remote.transport_limits)
             fields = {"method": "open", "start": hop.span.start, "end": hop.span.end, "max_length": self.max_length}
             reply, _ = connection.request(fields, timeout=config.step_timeout)
         except Exception as error:

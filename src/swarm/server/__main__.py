@@ -77,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--publish", metavar="NAME", help="publish the local model under NAME and seed it")
     parser.add_argument("--torrent-port", type=int, default=0, help="libtorrent port for fetching and seeding (default: any)")
     parser.add_argument("--identity", type=Path, help="publisher key file (default ~/.cache/swarm/identity.key)")
+    add_limit_arguments(parser)
     args = parser.parse_args(argv)
     return ServerConfig(
         model=args.model,
@@ -102,7 +103,30 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         publish=args.publish,
         torrent_port=args.torrent_port,
         identity=args.identity,
+        **{name: getattr(args, name) for name in LIMITS},
     )
+
+
+# ServerConfig fields that bound what the server does for anyone -> (argparse type, help); defaults are the fields'
+LIMITS = {
+    "max_request_tokens": (int, "rows of hidden states (batch x positions) in one request; clients split longer prefills"),
+    "max_batch_size": (int, "sequences (beams included) in one request"),
+    "max_sessions": (int, "inference sessions open at once"),
+    "cache_memory": (memory_argument, "memory all sessions' caches may hold, e.g. 2GiB (default: a quarter of the memory available at start)"),
+    "busy_wait": (float, "seconds a step waits for cache memory before it is answered busy"),
+    "max_connections": (int, "connections served at once; more are answered busy"),
+    "frame_timeout": (float, "seconds a request may take to arrive, from its first byte to its last"),
+    "idle_timeout": (float, "seconds a connection may stay silent before it is closed"),
+    "max_message_size": (memory_argument, "largest request, e.g. 256MiB (default: what the largest legal request needs)"),
+}  # fmt: skip
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser):
+    group = parser.add_argument_group("limits", "what the server does for anyone; a request past one gets an error naming it")
+    for name, (kind, help_text) in LIMITS.items():
+        default = getattr(ServerConfig, name)
+        shown = "" if default is None else f" (default: {default})"
+        group.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=help_text + shown)
 
 
 def main(argv: list[str] | None = None) -> int:

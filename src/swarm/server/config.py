@@ -38,3 +38,16 @@ class ServerConfig:
     publish: str | None = None  # publish the local model under this name and seed it
     torrent_port: int = 0  # libtorrent's port when fetching or publishing; 0 picks a free one
     identity: Path | None = None  # the publisher's key file (default ~/.cache/swarm/identity.key)
+    # bounds on what the server does for anyone: a request past one is answered with an error naming it
+    max_request_tokens: int = 16384  # rows of hidden states (batch x positions) in one request; clients split
+    # a longer prefill into steps that fit
+    max_batch_size: int = 64  # sequences (beams included) in one request
+    max_sessions: int = 256  # inference sessions open at once
+    cache_memory: int | None = None  # bytes that all sessions' caches may hold; None: a quarter of the memory
+    # available at start. A step that finds them full waits up to `busy_wait` for sessions to end, then is
+    # answered "busy" (the client goes to another server)
+    busy_wait: float = 5.0
+    max_connections: int = 1024  # connections served at once; more are answered "busy" and closed
+    frame_timeout: float = 60.0  # seconds a request may take to arrive, from its first byte to its last
+    idle_timeout: float = 900.0  # seconds a connection may stay silent before the server closes it
+    max_message_size: int | None = None  # bytes of one request; None: what the largest legal request needs

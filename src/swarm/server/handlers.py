@@ -13,18 +13,32 @@ Requests are `{"method": ..., ...fields}` plus named tensors (see `swarm.wire`):
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from swarm.errors import BadRequestError, ServerUnavailableError
+from swarm.errors import BadRequestError, ServerBusyError, ServerUnavailableError
 from swarm.models.base import LoadedSpan, ModelFamily, Tensors
 from swarm.models.checks import require
 from swarm.server.sessions import SessionManager
 from swarm.spans import BlockSpan
 from swarm.transport import ConnectionContext, Message
-from swarm.wire import dtype_name
+from swarm.wire import dtype_name, is_int
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request and all sessions together may ask of the server (see `ServerConfig`)."""
+
+    max_session_length: int  # positions one session may hold
+    max_request_tokens: int = 16384  # rows of hidden states (batch x positions) in one request
+    max_batch_size: int = 64  # sequences in one request
+    max_sessions: int = 256  # sessions open at once
+    cache_memory: int = 1 << 30  # bytes all sessions' state may hold
+    busy_wait: float = 5.0  # seconds a step waits for cache memory before it is answered "busy"
 
 
 class RequestHandler:
@@ -35,7 +49,7 @@ class RequestHandler:
         sessions: SessionManager,
         model_name: str,
         version: str,
-        max_session_length: int,
+        limits: RequestLimits,
         compute: Executor,
     ):
         self.family = family
@@ -43,7 +57,7 @@ class RequestHandler:
         self.sessions = sessions
         self.model_name = model_name
         self.version = version
-        self.max_session_length = max_session_length
+        self.limits = limits
         self.compute = compute  # the server's one compute thread (see `Server.compute`)
         self.accepting_sessions = True
 
@@ -57,13 +71,15 @@ class RequestHandler:
     def rpc_info(self, fields, tensors, context) -> Message:
         span = self.loaded.span
         info = {"model": self.model_name, "start": span.start, "end": span.end, "version": self.version}
-        return {**info, "dtype": dtype_name(self.loaded.dtype)}, {}
+        limits = {"max_request_tokens": self.limits.max_request_tokens, "max_batch_size": self.limits.max_batch_size}
+        return {**info, "dtype": dtype_name(self.loaded.dtype), **limits}, {}
 
     def rpc_echo(self, fields, tensors, context) -> Message:
         return {}, tensors
 
     def rpc_forward(self, fields, tensors, context) -> None:
         sub_span = self._sub_span(fields)
+        self._check_size(tensors)
         self.family.check_inputs(self.loaded, tensors, None, None, sub_span, None)
         self._compute_and_reply(context, self._forward, sub_span, tensors)
 
@@ -72,11 +88,13 @@ class RequestHandler:
             raise ServerUnavailableError("this server is leaving the swarm and takes no new sessions")
         sub_span = self._sub_span(fields)
         max_length = fields.get("max_length")
-        require(isinstance(max_length, int) and max_length > 0, f"max_length must be a positive int, got {max_length!r}")
+        require(is_int(max_length) and max_length > 0, f"max_length must be a positive int, got {max_length!r}")
         require(
-            max_length <= self.max_session_length,
-            f"max_length {max_length} exceeds this server's limit of {self.max_session_length} positions",
+            max_length <= self.limits.max_session_length,
+            f"max_length {max_length} exceeds this server's limit of {self.limits.max_session_length} positions",
         )
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise ServerBusyError(f"this server holds its limit of {self.limits.max_sessions} open sessions")
         state = self.family.new_session_state(self.loaded, sub_span, max_length)
         session = self.sessions.open(sub_span, max_length, state)
         context.on_close.append(lambda: self.sessions.close(session.id))
@@ -85,11 +103,42 @@ class RequestHandler:
     def rpc_step(self, fields, tensors, context) -> None:
         session = self.sessions.get(fields.get("session_id"))
         phases = self._phases(fields)
+        self._check_size(tensors)
+        self._wait_for_cache_memory()
         with session.lock:
             self._compute_and_reply(context, self._step, session, phases, tensors)
 
     def rpc_close(self, fields, tensors, context) -> Message:
-        return {"closed": self.sessions.close(fields.get("session_id"))}, {}
+        session_id = fields.get("session_id")
+        require(isinstance(session_id, str), f"session_id must be a string, got {session_id!r}")
+        return {"closed": self.sessions.close(session_id)}, {}
+
+    def _check_size(self, tensors: Tensors):
+        """A request's rows and positions within the limits (its shapes are the family's to check)."""
+        limits = self.limits
+        for name, tensor in tensors.items():
+            require(
+                tensor.ndim == 0 or tensor.shape[0] <= limits.max_batch_size,
+                f"{name} holds {tensor.shape[0] if tensor.ndim else 0} sequences; this server takes at most "
+                f"{limits.max_batch_size} in one request (max_batch_size)",
+            )
+            require(
+                tensor.ndim != 3 or tensor.shape[0] * tensor.shape[1] <= limits.max_request_tokens,
+                f"{name} holds {tensor.shape[0]} x {tensor.shape[1] if tensor.ndim > 1 else 0} positions; this server "
+                f"takes at most {limits.max_request_tokens} in one request (max_request_tokens)",
+            )
+
+    def _wait_for_cache_memory(self):
+        """Returns once the sessions' state fits the cache memory budget, or raises `ServerBusyError` after
+        `busy_wait` seconds of waiting for sessions to end."""
+        deadline = time.monotonic() + self.limits.busy_wait
+        while (held := self.sessions.nbytes()) >= self.limits.cache_memory:
+            if time.monotonic() >= deadline:
+                raise ServerBusyError(
+                    f"this server's sessions hold {held / 2**20:.1f} MiB, its cache memory limit of "
+                    f"{self.limits.cache_memory / 2**20:.1f} MiB (cache_memory)"
+                )
+            time.sleep(0.05)
 
     def _forward(self, sub_span: BlockSpan, tensors: Tensors) -> Message:
         return {}, self.family.forward(self.loaded, sub_span, tensors, None, None)
@@ -120,7 +169,7 @@ class RequestHandler:
         start, end = fields.get("start"), fields.get("end")
         hosted = self.loaded.span
         require(
-            isinstance(start, int) and isinstance(end, int) and hosted.start <= start < end <= hosted.end,
+            is_int(start) and is_int(end) and hosted.start <= start < end <= hosted.end,
             f"blocks [{start}, {end}) are not within this server's span [{hosted.start}, {hosted.end})",
         )
         sub_span = BlockSpan(start, end)
@@ -133,6 +182,8 @@ class RequestHandler:
 
 
 def _compute_and_reply(context: ConnectionContext, compute, *args):
+    if context.peer_is_gone():
+        return  # nobody would read the reply
     with torch.inference_mode():
         reply = compute(*args)
     context.reply(*reply)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,17 +23,28 @@ from swarm.records import ServerRecord, ServerState, announce, fetch_records, re
 from swarm.server.block_selection import block_capacities, blocks_that_fit, choose_span, should_move
 from swarm.server.config import ServerConfig
 from swarm.server.files import ServedFiles, open_served_files
-from swarm.server.handlers import RequestHandler
+from swarm.server.handlers import RequestHandler, RequestLimits
 from swarm.server.sessions import SessionManager
 from swarm.server.throughput import seconds_per_block
 from swarm.spans import BlockSpan
-from swarm.transport import TensorServer
+from swarm import wire
+from swarm.transport import TensorServer, TransportLimits
 from swarm.wire import dtype_name
 
 logger = logging.getLogger(__name__)
 
 HOUSEKEEPING_PERIOD = 1.0  # seconds between checks for idle sessions (and for announcing, rebalancing)
 PROCESS_RESERVE = 1 << 30  # bytes kept for the process itself when the span is sized by available memory
+
+
+def raise_open_files_limit():
+    """Raises this process's limit on open files to the most it may have: each connection holds one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as error:
+            logger.warning(f"Could not raise the limit on open files from {soft} to {hard}: {error}")
 
 
 class Server:
@@ -100,6 +112,7 @@ class Server:
 
     def _start(self):
         config = self.config
+        raise_open_files_limit()
         self.dht = hivemind.DHT(
             initial_peers=config.initial_peers, host_maddrs=[f"/ip4/{config.host}/tcp/{config.port}"], start=True
         )
@@ -110,7 +123,9 @@ class Server:
         self.files = open_served_files(config, self.dht, self.local_path, host)
         if self.local_path is None:
             self._open_model(self.files.path)
-        self.transport = TensorServer(config.host, config.transport_port, self._handle)
+        self.transport = TensorServer(config.host, config.transport_port, self._handle, TransportLimits(
+            frame_timeout=config.frame_timeout, idle_timeout=config.idle_timeout, max_connections=config.max_connections
+        ))  # fmt: skip
         self.address = f"{host}:{self.transport.port}"
         self.span = self._initial_span()
         self._serve_span(self.span)
@@ -160,13 +175,39 @@ class Server:
         seconds = self.compute.submit(seconds_per_block, self.family, loaded, self.model_name).result()
         self.throughput = 1.0 / (seconds * len(span))
         sessions = SessionManager(idle_timeout=self.config.session_timeout)
-        max_session_length = self.config.max_session_length or getattr(
-            self.model_config, "max_position_embeddings", 1 << 16
-        )
         self.handler = RequestHandler(
-            self.family, loaded, sessions, self.model_name, __version__, max_session_length, self.compute
+            self.family, loaded, sessions, self.model_name, __version__, self._request_limits(), self.compute
         )
+        self.transport.limits = self._transport_limits(loaded)
         self._announce(ServerState.ONLINE)
+
+    def _request_limits(self) -> RequestLimits:
+        config = self.config
+        max_session_length = config.max_session_length or getattr(self.model_config, "max_position_embeddings", 1 << 16)
+        cache_memory = config.cache_memory or psutil.virtual_memory().available // 4
+        return RequestLimits(
+            max_session_length=max_session_length,
+            max_request_tokens=config.max_request_tokens,
+            max_batch_size=config.max_batch_size,
+            max_sessions=config.max_sessions,
+            cache_memory=cache_memory,
+            busy_wait=config.busy_wait,
+        )
+
+    def _transport_limits(self, loaded: LoadedSpan) -> TransportLimits:
+        """The configured limits; the largest request by default: `max_request_tokens` rows of each floating-point
+        tensor a request may carry besides the hidden states (an encoder's output, the blocks' outputs), 4 of them."""
+        config, max_message_size = self.config, self.config.max_message_size
+        if max_message_size is None:
+            example = self.family.example_inputs(loaded)
+            row_bytes = max(tensor[0].numel() * tensor.element_size() for tensor in example.values())
+            max_message_size = min(wire.MAX_BODY_BYTES, (1 << 20) + 4 * config.max_request_tokens * row_bytes)
+        return TransportLimits(
+            max_message_bytes=max_message_size,
+            frame_timeout=config.frame_timeout,
+            idle_timeout=config.idle_timeout,
+            max_connections=config.max_connections,
+        )
 
     def _rebalance(self):
         records = self._fetch_records()

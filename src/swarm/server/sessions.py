@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from swarm.errors import BadRequestError
+from swarm.errors import SessionExpiredError
 from swarm.spans import BlockSpan
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class SessionManager:
         with self._lock:
             session = self._sessions.get(session_id) if isinstance(session_id, str) else None
         if session is None:
-            raise BadRequestError(f"session {session_id!r} is unknown or closed")
+            raise SessionExpiredError(f"this server holds no session {str(session_id)[:64]!r} (closed, idle too long, or the server restarted or moved)")
         session.last_used = time.monotonic()
         return session
 
@@ -67,6 +67,12 @@ class SessionManager:
         if idle:
             logger.info(f"Closed {len(idle)} session(s) idle for more than {self.idle_timeout:.0f} s")
         return len(idle)
+
+    def nbytes(self) -> int:
+        """Bytes held by every session's state."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        return sum(session.state.nbytes() for session in sessions)
 
     def __len__(self) -> int:
         return len(self._sessions)
