@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-
 import hivemind
 
 from swarm.checkpoint import load_model_config, local_model_path, model_name_of

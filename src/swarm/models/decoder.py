@@ -34,7 +34,14 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from swarm.errors import UnsupportedModelError
 from swarm.models.base import LAYER_OUTPUT, ClientStack, LoadedSpan, ModelFamily, Tensors
-from swarm.models.checks import check_hidden_states, check_mask, check_names, check_output_layers, check_position_ids, require
+from swarm.models.checks import (
+    check_hidden_states,
+    check_mask,
+    check_names,
+    check_output_layers,
+    check_position_ids,
+    require,
+)
 from swarm.models.layout import DecoderLayout, build_model, read_layout
 from swarm.models.state import SequenceState
 from swarm.spans import BlockSpan

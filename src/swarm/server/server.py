@@ -13,12 +13,12 @@ import hivemind
 import psutil
 from tqdm.auto import tqdm
 
-from swarm import __version__
+from swarm import __version__, wire
 from swarm.checkpoint import CheckpointIndex, load_model_config, local_model_path, model_name_of
+from swarm.distribution.fetch import split_pin
 from swarm.errors import ConfigurationError, ServerUnavailableError
 from swarm.models import FAMILIES, family_for
 from swarm.models.base import LoadedSpan, load_span
-from swarm.distribution.fetch import split_pin
 from swarm.records import ServerRecord, ServerState, announce, fetch_records, reachable_host
 from swarm.server.block_selection import block_capacities, blocks_that_fit, choose_span, should_move
 from swarm.server.config import ServerConfig
@@ -27,7 +27,6 @@ from swarm.server.handlers import RequestHandler, RequestLimits
 from swarm.server.sessions import SessionManager
 from swarm.server.throughput import seconds_per_block
 from swarm.spans import BlockSpan
-from swarm import wire
 from swarm.transport import TensorServer, TransportLimits
 from swarm.wire import dtype_name
 
