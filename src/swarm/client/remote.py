@@ -59,6 +59,7 @@ class RemoteBlocks:
         self.phases = tuple(phases)  # the passes of a step over a route (see `ModelFamily.phases`); () for one
         self.dht = dht or hivemind.DHT(initial_peers=config.initial_peers, client_mode=True, start=True)
         self.latencies: dict[str, float] = {}
+        self.request_rows: dict[str, int] = {}  # peer id -> rows of hidden states it takes per request (its info)
         self.banned_until: dict[str, float] = {}
         self._connections: dict[str, Connection] = {}
         self._lock = threading.Lock()
@@ -118,14 +119,22 @@ class RemoteBlocks:
                 self.latencies[server.peer_id] = previous + self.config.latency_smoothing * (latency - previous)
 
     def ping(self, server: ServerRecord) -> float | None:
-        """Round-trip seconds of an empty request to `server`, or None if it fails."""
+        """Round-trip seconds of an `info` request to `server` (which also says its limits), or None if it fails."""
         try:
             connection = self.connection(server.address)
             started = time.perf_counter()
-            connection.request({"method": "info"}, timeout=self.config.ping_timeout)
-            return time.perf_counter() - started
+            info, _ = connection.request({"method": "info"}, timeout=self.config.ping_timeout)
+            seconds = time.perf_counter() - started
         except PeerError:
             return None
+        if is_int(info.get("max_request_tokens")) and info["max_request_tokens"] > 0:
+            self.request_rows[server.peer_id] = info["max_request_tokens"]
+        return seconds
+
+    def max_request_rows(self) -> int | None:
+        """The fewest rows of hidden states (batch x positions) that a server met so far takes in one request: a
+        step cut to fit them fits any route failover may switch to."""
+        return min(self.request_rows.values(), default=None)
 
     def ban(self, server: ServerRecord, reason: str, duration: float | None = None):
         duration = self.config.ban_duration if duration is None else duration

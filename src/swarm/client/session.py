@@ -32,6 +32,8 @@ from swarm.transport import Connection
 
 logger = logging.getLogger(__name__)
 
+PER_POSITION = ("hidden_states", "position_ids", "attention_mask")  # what a step holds for each new position
+
 
 Phases = tuple[str, ...] | None  # the phases one request runs; None for a model that makes one pass
 
@@ -134,11 +136,38 @@ class InferenceSession:
         """Sends new positions through every hop (and back, for a round trip). On the way out, a hop's reply
         tensors replace the inputs of the same name for the next hop (hidden states); the others travel
         unchanged (position ids, masks). On the way back, each hop receives what the previous one returned.
-        Floating-point tensors come back in the caller's dtype.
+        Floating-point tensors come back in the caller's dtype. More positions than a server of the route takes
+        in one request (its `max_request_tokens`) go as several steps, their outputs joined.
 
         `keeps_state=False`: the servers' state after this step does not depend on it, so failover does not
         replay it once it has completed. `resets_state=True`: their state after it depends on nothing
         before it, so failover replays nothing older."""
+        chunks = self._chunks(tensors)
+        if len(chunks) == 1:
+            return self._step(tensors, keeps_state, resets_state)
+        outputs = [self._step(chunk, keeps_state, resets_state and index == 0) for index, chunk in enumerate(chunks)]
+        return {name: torch.cat([output[name] for output in outputs], dim=1) for name in outputs[-1]}
+
+    def _chunks(self, tensors: Tensors) -> list[Tensors]:
+        """`tensors` cut along their positions into steps that every server of the route takes; what is not per
+        position (an encoder's output, beam reordering) goes with the first."""
+        hidden = tensors.get("hidden_states")
+        limit = self.remote.max_request_rows()
+        if self.phases or hidden is None or hidden.ndim != 3 or limit is None or hidden.shape[0] * hidden.shape[1] <= limit:
+            return [tensors]
+        positions, per_chunk = hidden.shape[1], max(1, limit // hidden.shape[0])
+        chunks = []
+        for start in range(0, positions, per_chunk):
+            chunk = {}
+            for name, tensor in tensors.items():
+                if name in PER_POSITION and tensor is not None and tensor.ndim >= 2 and tensor.shape[1] == positions:
+                    chunk[name] = tensor[:, start : start + per_chunk]
+                elif start == 0:
+                    chunk[name] = tensor
+            chunks.append(chunk)
+        return chunks
+
+    def _step(self, tensors: Tensors, keeps_state: bool, resets_state: bool) -> Tensors:
         current = {name: tensor for name, tensor in tensors.items() if tensor is not None}
         caller_dtypes = {name: tensor.dtype for name, tensor in current.items()}
         budget, reply, outputs = self.remote.config.retry.start(), {}, {}
