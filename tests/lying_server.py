@@ -11,10 +11,12 @@ MODEL ...` with its replies to `forward` and `step` altered as MODE says. The sh
 
 from __future__ import annotations
 
+import re
 import sys
 
 import torch
 
+from swarm.launch import PeerProcess
 from swarm.server import __main__ as server_main
 from swarm.server import handlers, server
 
@@ -48,6 +50,19 @@ def lying_handler(mode: str) -> type:
             return lie(mode, super()._step(*args))
 
     return LyingRequestHandler
+
+
+def start_liar(mode: str, model, initial_peers: list[str], log_path, blocks: str = "0:5") -> tuple[PeerProcess, str]:
+    """Starts a lying server and waits for it to be ready; returns it and its peer id."""
+    args = ["-m", "tests.lying_server", mode, str(model), "--host", "127.0.0.1", "--initial-peers", *initial_peers]
+    liar = PeerProcess([*args, "--blocks", blocks], name=f"liar ({mode})", log_path=log_path)
+    try:
+        liar.wait_ready(120)
+    except BaseException:
+        liar.stop()
+        raise
+    peer_id = re.search(r"ready: .* peer (\S+)", "\n".join(liar.lines)).group(1)
+    return liar, peer_id
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ take fewer positions per request than a prompt holds. Generation stays identical
 
 from __future__ import annotations
 
-import re
 import socket
 import threading
 import time
@@ -17,24 +16,12 @@ from swarm import AutoDistributedModel
 from swarm.client.config import ClientConfig
 from swarm.client.retry import RetryPolicy
 from swarm.errors import BadRequestError, InternalServerError, PeerError, PeerTimeoutError
-from swarm.launch import LocalSwarm, PeerProcess
+from swarm.launch import LocalSwarm
 from swarm.transport import Connection, TransportLimits
 from tests.conftest import assert_same_generation, generate_both
+from tests.lying_server import start_liar
 
 ROWS = 16  # --max-request-tokens of the honest server: a prompt of 2 x 20 tokens goes as three steps
-
-
-def start_liar(mode: str, model, initial_peers: list[str], log_path) -> tuple[PeerProcess, str]:
-    """A lying server of all 5 blocks; returns it and its peer id."""
-    args = ["-m", "tests.lying_server", mode, str(model), "--host", "127.0.0.1", "--initial-peers", *initial_peers]
-    liar = PeerProcess([*args, "--blocks", "0:5"], name=f"liar ({mode})", log_path=log_path)
-    try:
-        liar.wait_ready(120)
-    except BaseException:
-        liar.stop()
-        raise
-    peer_id = re.search(r"ready: .* peer (\S+)", "\n".join(liar.lines)).group(1)
-    return liar, peer_id
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,10 @@
     ├── PeerError                 a peer failed or vanished: retry elsewhere
     │   ├── PeerTimeoutError      a peer did not answer in time
     │   └── BadReplyError         a peer's reply is not what was asked for (keys, shapes, dtypes, length)
+    │       └── WrongOutputError  a peer's output differs from two other servers' (`ClientConfig.verify`)
     └── SwarmUnavailableError     the swarm can't serve the model now
-        └── MissingBlocksError    no server covers these blocks
+        ├── MissingBlocksError    no server covers these blocks
+        └── VerificationError     servers disagree on an output and no third one can tell which is right
 
 `PeerError` and `RemoteError` other than `BadRequestError` are failures of a peer, worth retrying on
 another one (see `swarm.client.retry`); everything else is raised at once.
@@ -111,8 +113,16 @@ class BadReplyError(PeerError):
     """A server's reply is not what was asked for: the client leaves that server out and goes elsewhere."""
 
 
+class WrongOutputError(BadReplyError):
+    """A server's output differs from what two other servers computed for the same request."""
+
+
 class SwarmUnavailableError(SwarmError):
     """The swarm cannot serve the requested model right now."""
+
+
+class VerificationError(SwarmUnavailableError):
+    """Two servers disagree on the output of the same blocks, and no third one can tell which is right."""
 
 
 class MissingBlocksError(SwarmUnavailableError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from swarm.client.retry import RetryPolicy
+from swarm.client.verify import VerifyConfig
 
 
 @dataclass
@@ -24,5 +25,6 @@ class ClientConfig:
     pinned_peers: set[str] = field(default_factory=set)  # peer ids to use wherever they serve a block
     excluded_peers: set[str] = field(default_factory=set)  # peer ids never to use
     retry: RetryPolicy = field(default_factory=RetryPolicy)  # how failed requests are retried elsewhere
+    verify: VerifyConfig | None = None  # spot checks of servers' outputs by other servers (None: none)
     torrent_host: str = "0.0.0.0"  # interface libtorrent listens on while fetching a model published in the swarm
     fetch_timeout: float = 600.0  # seconds fetching a published model's client-side files may take

@@ -19,6 +19,7 @@ import torch
 from swarm.client.config import ClientConfig
 from swarm.client.retry import is_retriable
 from swarm.client.routing import Hop, RoutingPreferences, missing_blocks, plan_route, usable_servers
+from swarm.client.verify import Verifier, agree
 from swarm.errors import (
     BadReplyError,
     ConfigurationError,
@@ -65,6 +66,7 @@ class RemoteBlocks:
         self._lock = threading.Lock()
         self._records_time = -math.inf
         self.records_by_block: list[list[ServerRecord]] = []
+        self.verifier = Verifier(config.verify) if config.verify is not None else None
         self.wait_for_coverage(self.span)
 
     # Finding and measuring servers
@@ -183,6 +185,8 @@ class RemoteBlocks:
             fields = {"method": "forward", "start": hop.span.start, "end": hop.span.end}
             try:
                 _, outputs = run_hop(self.connection(hop.server.address), hop, fields, tensors, self.request_timeout(tokens_of(tensors)))
+                if self.verifier is not None and self.verifier.should_check():
+                    self.check_forward(hop, fields, tensors, outputs)
             except Exception as error:
                 if not is_retriable(error):
                     raise
@@ -194,6 +198,31 @@ class RemoteBlocks:
             block, route = hop.span.end, route[1:]
         result = {name: tensors[name] for name in outputs} | kept
         return {name: tensor.to(caller_dtypes.get(name, tensor.dtype)) for name, tensor in result.items()}
+
+    def check_forward(self, hop: Hop, fields: dict, tensors: Tensors, outputs: Tensors):
+        """Has another server of `hop`'s blocks run the same forward; on disagreement a third decides (see
+        `swarm.client.verify`). A checker that fails is left out, and the check skipped."""
+        checkers = self.checkers(hop)
+        opinions = []
+        for checker in checkers[:3]:
+            try:
+                connection = self.connection(checker.address)
+                _, output = run_hop(connection, Hop(checker, hop.span), fields, tensors, self.request_timeout(tokens_of(tensors)))
+            except PeerError as error:
+                self.ban(checker, f"it failed while checking another server: {error}")
+                continue
+            opinions.append((checker, output))
+            if len(opinions) == 1 and agree(output, outputs, self.verifier.config.tolerance):
+                return
+            if len(opinions) == 2:
+                break
+        if opinions:
+            self.verifier.judge(hop, opinions[0][0], opinions[1:], opinions[0][1], outputs, self)
+
+    def checkers(self, hop: Hop) -> list[ServerRecord]:
+        """Servers that could check `hop` (other than its own, and than those left out)."""
+        excluded = self.preferences().excluded | {hop.server.peer_id}
+        return self.verifier.checkers(self.records_by_block, hop.span, excluded)
 
     def recover(self, hop: Hop, error: Exception, budget, span: BlockSpan) -> list[Hop]:
         """Leaves the failed server out (for `ban_duration`; for `busy_duration` if it was busy; not at all if it

@@ -26,7 +26,8 @@ import torch
 from swarm.client.remote import RemoteBlocks, Tensors, run_hop, tokens_of
 from swarm.client.retry import RetryBudget, is_retriable
 from swarm.client.routing import Hop
-from swarm.errors import BadReplyError
+from swarm.client.verify import agree
+from swarm.errors import BadReplyError, PeerError, WrongOutputError
 from swarm.spans import BlockSpan
 from swarm.transport import Connection
 
@@ -56,6 +57,8 @@ class ServerSession:
     session_id: str
     history: list[SentRequest] = field(default_factory=list)  # what the server's state depends on, oldest first
     length: int = 0  # positions the server's session holds, as its last reply said
+    shadow: ServerSession | None = None  # a session on another server of the same blocks that checks this one
+    last_outputs: Tensors | None = None  # the tensors of its last reply
 
     def step(self, remote: RemoteBlocks, tensors: Tensors, phases: Phases, step: int) -> tuple[dict, Tensors]:
         fields = {"method": "step", "session_id": self.session_id}
@@ -67,11 +70,13 @@ class ServerSession:
             if reply[0]["length"] != expected:
                 self.connection.close()
                 raise BadReplyError(f"{self.hop.server.address} says its session holds {reply[0]['length']} positions, not {expected}")
-        self.length = reply[0]["length"]
+        self.length, self.last_outputs = reply[0]["length"], reply[1]
         self.history.append(SentRequest(step, phases, tensors))
         return reply
 
     def close(self):
+        if self.shadow is not None:
+            self.shadow.close()
         try:
             self.connection.request({"method": "close", "session_id": self.session_id}, timeout=5)
         except Exception as error:
@@ -177,6 +182,9 @@ class InferenceSession:
             index, phases = plan[position]
             try:
                 reply, outputs = self._server_sessions[index].step(self.remote, current, phases, self.steps)
+                verifier = self.remote.verifier
+                if verifier is not None and phases is None and verifier.should_check(self.steps):
+                    self._check_hop(self._server_sessions[index], outputs)
             except Exception as error:
                 if not is_retriable(error):
                     raise
@@ -192,6 +200,53 @@ class InferenceSession:
         self.steps += 1
         self.position = reply["length"]
         return {name: current[name].to(caller_dtypes.get(name, current[name].dtype)) for name in outputs}
+
+    def _check_hop(self, server_session: ServerSession, observed: Tensors):
+        """Checks the output of `server_session`'s last step against its shadow's, and on disagreement against a
+        third server's (see `swarm.client.verify`). A wrong hop raises `WrongOutputError` (it is replaced, and the
+        step it got wrong is sent to its replacement); a wrong or failing checker is dropped."""
+        hop = server_session.hop
+        try:
+            expected = self._shadow_output(server_session)
+        except PeerError as error:
+            self.remote.ban(server_session.shadow.hop.server, f"it failed while checking another server: {error}")
+            server_session.shadow.close()
+            server_session.shadow = None
+            return
+        if expected is None or agree(expected, observed, self.remote.verifier.config.tolerance):
+            return
+        checker, opinions = server_session.shadow.hop.server, []
+        for third in self.remote.checkers(hop):
+            if third.peer_id == checker.peer_id:
+                continue
+            try:
+                judge = self._replay([Hop(third, hop.span)], server_session.history)[0]
+            except PeerError as error:
+                self.remote.ban(third, f"it failed while checking another server: {error}")
+                continue
+            judge.close()
+            opinions.append((third, judge.last_outputs))
+            break
+        try:
+            self.remote.verifier.judge(hop, checker, opinions, expected, observed, self.remote)
+        except WrongOutputError:
+            server_session.history.pop()  # the step it got wrong goes to its replacement
+            raise
+        server_session.shadow.close()  # the checker was wrong (and is left out)
+        server_session.shadow = None
+
+    def _shadow_output(self, server_session: ServerSession) -> Tensors | None:
+        """The output of `server_session`'s last step on its shadow (opened on another server of its blocks if it
+        has none), after sending it whatever the hop was sent since; None if no other server hosts the blocks."""
+        if server_session.shadow is None:
+            checkers = self.remote.checkers(server_session.hop)
+            if not checkers:
+                return None
+            server_session.shadow = self._open(Hop(checkers[0], server_session.hop.span))
+        shadow, outputs = server_session.shadow, None
+        for request in server_session.history[len(shadow.history) :]:
+            _, outputs = shadow.step(self.remote, request.tensors, request.phases, request.step)
+        return outputs
 
     def _goes_back(self, phases: Phases) -> bool:
         """Whether a request with `phases` returns what the next request of the way back receives."""
@@ -211,6 +266,8 @@ class InferenceSession:
         number of hops that replaced it."""
         failed = self._server_sessions[index]
         failed.connection.close()
+        if failed.shadow is not None:
+            failed.shadow.close()
         failed_hop = failed.hop
         while True:
             route = self.remote.recover(failed_hop, error, budget, failed.hop.span)
