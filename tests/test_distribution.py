@@ -23,8 +23,9 @@ from swarm.client.config import ClientConfig
 from swarm.distribution.fetch import fetch_files
 from swarm.distribution.manifest import ManifestError
 from swarm.distribution.publish import TORRENT_FILE
-from swarm.distribution.records import Announcement, Identity, Seeder, announce_model, announce_seeder, choose_announcement
+from swarm.distribution.records import Announcement, Seeder, announce_model, announce_seeder, choose_announcement
 from swarm.distribution.torrents import TorrentSession
+from swarm.identity import Identity
 from swarm.launch import PeerProcess, launch_server
 from swarm.status import swarm_status
 from tests.conftest import make_tiny_llama

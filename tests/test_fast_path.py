@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from swarm.checkpoint import CheckpointIndex, load_model_config
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from swarm.checkpoint import CheckpointIndex, load_model_config
 from swarm.models import CAUSAL_LM, FAMILIES, family_for
 from swarm.models.base import load_span
 from swarm.models.decoder import DecoderFamily

@@ -6,10 +6,10 @@ import argparse
 import logging
 import signal
 import threading
-
-import hivemind
+from pathlib import Path
 
 from swarm.logs import configure_logging
+from swarm.network import load_swarm_key, start_dht
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +28,16 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: 0.0.0.0)")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default: 0, any free port)")
     parser.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="peers of an existing swarm")
+    parser.add_argument(
+        "--swarm-key",
+        type=Path,
+        metavar="FILE",
+        help="make the swarm private: only peers holding this key file reach it (created if absent; give it to them)",
+    )
     args = parser.parse_args(argv)
     configure_logging()
-    dht = hivemind.DHT(initial_peers=args.initial_peers, host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"], start=True)
+    swarm_key = load_swarm_key(args.swarm_key, create=True) if args.swarm_key else None
+    dht = start_dht(args.initial_peers, host=args.host, port=args.port, swarm_key=swarm_key)
     stop = threading.Event()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signal_number, lambda *_: stop.set())

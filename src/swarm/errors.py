@@ -8,6 +8,7 @@
     │   ├── ServerUnavailableError  the server is leaving and takes no new sessions: retry elsewhere
     │   ├── ServerBusyError       the server is at one of its limits (connections, sessions, cache memory): retry elsewhere
     │   ├── SessionExpiredError   the server no longer holds the session (idle too long, restarted, moved): replay it
+    │   ├── AccessDeniedError     the server belongs to a private swarm whose key the client lacks: not retried
     │   └── InternalServerError   the server failed while running the request: retried once elsewhere
     ├── ProtocolError             a message broke the wire format; the connection is dropped
     ├── PeerError                 a peer failed or vanished: retry elsewhere
@@ -83,6 +84,13 @@ class SessionExpiredError(RemoteError):
         super().__init__(message, kind="SessionExpired")
 
 
+class AccessDeniedError(RemoteError):
+    """The server belongs to a private swarm, and the request did not come with a proof of its key."""
+
+    def __init__(self, message: str):
+        super().__init__(message, kind="AccessDenied")
+
+
 class InternalServerError(RemoteError):
     """The server failed while running a well-formed request (the details are in its log)."""
 
@@ -93,7 +101,14 @@ class InternalServerError(RemoteError):
 # the kind on the wire -> the error a client raises for it (any other kind: `RemoteError`)
 ERROR_KINDS = {
     kind_class("").kind: kind_class
-    for kind_class in (BadRequestError, ServerUnavailableError, ServerBusyError, SessionExpiredError, InternalServerError)
+    for kind_class in (
+        BadRequestError,
+        ServerUnavailableError,
+        ServerBusyError,
+        SessionExpiredError,
+        AccessDeniedError,
+        InternalServerError,
+    )
 }
 
 

@@ -18,13 +18,12 @@ import sys
 import threading
 from pathlib import Path
 
-import hivemind
-
 from swarm import make_module_callable
 from swarm.distribution.fetch import ANNOUNCEMENT_FILE, DEFAULT_TIMEOUT, Seeding, fetch_files
 from swarm.distribution.torrents import TorrentSession
 from swarm.errors import ConfigurationError, SwarmError
 from swarm.logs import configure_logging
+from swarm.network import start_dht
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ def fetch(
     if output is not None and output.exists():
         raise ConfigurationError(f"{output} exists already; fetch writes a new folder")
     staging = output.parent / f".{output.name}.swarm-fetch" if output is not None else cache_dir
-    dht = hivemind.DHT(initial_peers=list(initial_peers), client_mode=True, start=True)
+    dht = start_dht(initial_peers, client_mode=True)
     session = TorrentSession(host)
     try:
         fetched = fetch_files(dht, session, name, lambda manifest: sorted(manifest.files), cache_dir=staging, timeout=timeout)
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def seed_until_stopped(args) -> int:
-    dht = hivemind.DHT(initial_peers=args.initial_peers, host_maddrs=[f"/ip4/{args.host}/tcp/0"], start=True)
+    dht = start_dht(args.initial_peers, host=args.host)
     session = TorrentSession(args.host, upload_rate_limit=args.upload_limit)
     try:
         fetched = fetch_files(dht, session, args.name, lambda manifest: sorted(manifest.files), args.cache_dir, args.timeout)

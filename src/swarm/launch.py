@@ -116,9 +116,11 @@ class PeerProcess:
             self._log.close()
 
 
-def start_bootstrap(host: str = "127.0.0.1", timeout: float = 60.0, **kwargs) -> tuple[PeerProcess, list[str]]:
-    """Starts `python -m swarm.dht`; returns it and the multiaddrs to join with."""
-    peer = PeerProcess(["-m", "swarm.dht", "--host", host], name="bootstrap", **kwargs)
+def start_bootstrap(
+    host: str = "127.0.0.1", timeout: float = 60.0, extra_args: tuple[str, ...] = (), **kwargs
+) -> tuple[PeerProcess, list[str]]:
+    """Starts `python -m swarm.dht` (with `extra_args`); returns it and the multiaddrs to join with."""
+    peer = PeerProcess(["-m", "swarm.dht", "--host", host, *extra_args], name="bootstrap", **kwargs)
     try:
         line = peer.wait_for(r"--initial-peers (.+)", timeout).group(1)
     except BaseException:

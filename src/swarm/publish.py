@@ -23,16 +23,15 @@ import sys
 import threading
 from pathlib import Path
 
-import hivemind
-
 from swarm import make_module_callable
 from swarm.dht import add_join_arguments
 from swarm.distribution.fetch import Seeding
-from swarm.distribution.publish import default_identity_path, publish_model
-from swarm.distribution.records import Identity
+from swarm.distribution.publish import publish_model
 from swarm.distribution.torrents import TorrentSession
 from swarm.errors import ConfigurationError
+from swarm.identity import Identity, default_identity_path
 from swarm.logs import configure_logging
+from swarm.network import start_dht
 from swarm.records import reachable_host
 
 logger = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ class Publisher:
         upload_rate_limit: int = 0,
         announce_period: float = ANNOUNCE_PERIOD,
     ):
-        self.dht = hivemind.DHT(initial_peers=list(initial_peers), host_maddrs=[f"/ip4/{host}/tcp/{port}"], start=True)
+        self.dht = start_dht(initial_peers, host=host, port=port)
         self.session = None
         try:
             visible = [str(maddr) for maddr in self.dht.get_visible_maddrs()]

@@ -4,13 +4,21 @@ For every block it hosts, a server stores a `ServerRecord` under the key `"{mode
 subkey = its peer id. Records expire `ttl` seconds after they were stored unless re-announced.
 Values are plain msgpack dicts (hivemind's serializer, never pickle). Readers keep only records
 whose known fields are valid and ignore unknown fields, so newer servers don't break older clients.
+
+A server's peer id is the id of its identity's key (`swarm.identity`), and it signs each record with that key:
+readers keep only records whose signature checks against a key of that id, signed in the last
+`MAX_RECORD_AGE` seconds (`fetch_records`), so nobody can announce blocks in another server's name, and DHT
+peers refuse to store an unsigned or forged value under a peer id's subkey (`swarm.network`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
+import json
 import logging
+import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -18,9 +26,14 @@ from hivemind import DHT
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
+from swarm.identity import Identity, key_id, signed_by
 from swarm.spans import BlockSpan
 
 logger = logging.getLogger(__name__)
+
+MAX_RECORD_AGE = 600.0  # seconds after its signature that a record is still believed (servers re-sign every 30 s)
+CLOCK_SKEW = 300.0  # seconds a signer's clock may run ahead of a reader's
+_REPORTED: set[str] = set()  # peer ids whose bad records were logged (once each)
 
 
 class ServerState(str, enum.Enum):
@@ -39,6 +52,9 @@ class ServerRecord:
     version: str  # swarm version of the server
     address: str  # "host:port" of its tensor transport
     dtype: str  # dtype of the hidden states it takes and returns
+    public_key: str = ""  # hex of its identity's Ed25519 public key, whose `key_id` is `peer_id`
+    signed_at: float = 0.0  # seconds since the epoch when it signed the record, by its clock
+    signature: str = ""  # hex of its signature of `payload()`
 
     @property
     def span(self) -> BlockSpan:
@@ -46,6 +62,27 @@ class ServerRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "state": self.state.value}
+
+    def payload(self) -> bytes:
+        """What the signature covers: every field but the signature itself."""
+        fields = {name: value for name, value in self.to_dict().items() if name != "signature"}
+        return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def signed(cls, identity: Identity, **fields) -> "ServerRecord":
+        """A record of `fields`, in the name of `identity` (its peer id is the identity's key id)."""
+        unsigned = cls(peer_id=identity.key_id, public_key=identity.public_key, signed_at=time.time(), **fields)
+        return dataclasses.replace(unsigned, signature=identity.sign(unsigned.payload()))
+
+    def verified(self, now: float | None = None) -> bool:
+        """Whether the owner of `peer_id`'s key signed this record, recently."""
+        now = time.time() if now is None else now
+        return (
+            len(self.public_key) == 64
+            and key_id(self.public_key) == self.peer_id
+            and now - MAX_RECORD_AGE <= self.signed_at <= now + CLOCK_SKEW
+            and signed_by(self.public_key, self.signature, self.payload())
+        )
 
     @classmethod
     def from_dict(cls, value: Any) -> "ServerRecord | None":
@@ -68,6 +105,9 @@ class ServerRecord:
             and isinstance(record.address, str)
             and ":" in record.address
             and isinstance(record.dtype, str)
+            and isinstance(record.public_key, str)
+            and isinstance(record.signed_at, (int, float))
+            and isinstance(record.signature, str)
         )
         return record if valid else None
 
@@ -143,7 +183,15 @@ def fetch_records(dht: DHT, model_name: str, num_blocks: int) -> list[list[Serve
         if found is not None and isinstance(found.value, dict):
             for entry in found.value.values():
                 record = ServerRecord.from_dict(getattr(entry, "value", None))
-                if record is not None and block in record.span:
+                if record is not None and not record.verified():
+                    _report_once(record.peer_id, f"Ignoring a record of {record.address} for peer {record.peer_id[:16]}: its signature or identity does not check")
+                elif record is not None and block in record.span:
                     records.append(record)
         records_by_block.append(records)
     return records_by_block
+
+
+def _report_once(peer_id: str, message: str):
+    if peer_id not in _REPORTED:
+        _REPORTED.add(peer_id)
+        logger.warning(message)

@@ -18,8 +18,10 @@ from dataclasses import asdict, dataclass, field
 import hivemind
 
 from swarm.distribution.manifest import ManifestError
-from swarm.distribution.records import fetch_announcements, fetch_seeders, key_id
+from swarm.distribution.records import fetch_announcements, fetch_seeders
 from swarm.errors import _ranges
+from swarm.identity import key_id
+from swarm.network import start_dht
 from swarm.records import ServerState, fetch_models, fetch_records
 from swarm.transport import Connection
 
@@ -72,7 +74,7 @@ class SwarmStatus:
 def swarm_status(initial_peers: list[str], ping_timeout: float = 2.0, dht: hivemind.DHT | None = None) -> SwarmStatus:
     """Reads every model's records from the DHT and pings their servers."""
     own_dht = dht is None
-    dht = dht or hivemind.DHT(initial_peers=initial_peers, client_mode=True, start=True)
+    dht = dht or start_dht(initial_peers, client_mode=True)
     try:
         models = [model_status(dht, name, num_blocks, ping_timeout) for name, num_blocks in sorted(fetch_models(dht).items())]
     finally:

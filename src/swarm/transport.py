@@ -120,6 +120,7 @@ class ConnectionContext:
         self.sock = sock
         self.on_close: list[Callable[[], None]] = []
         self.unsent = b""  # what `reply` could not send at once, for the connection's own thread to send
+        self.greeted = False  # whether the peer has said `hello` (see `swarm.handshake`)
 
     def peer_is_gone(self) -> bool:
         """Whether the peer has closed the connection (a request whose client has gone is not worth computing)."""

@@ -38,6 +38,7 @@ class AutoDistributedModel:
         step_timeout: float | None = None,
         client_config: ClientConfig | None = None,
         cache_dir: str | os.PathLike | None = None,
+        swarm_key: bytes | str | os.PathLike | None = None,
     ):
         """Loads only the client-side weights of `name_or_path` and finds servers for its blocks.
 
@@ -47,6 +48,7 @@ class AutoDistributedModel:
         `MissingBlocksError` naming the blocks that no server hosts; a model swarm cannot cut raises
         `UnsupportedModelError`. A `name_or_path` that is neither on this disk nor in the local Hugging Face
         cache names a model published in the swarm: only its client-side files are fetched, into `cache_dir`.
+        `swarm_key` (the key's bytes, or the path of its file) joins a private swarm.
         """
         model = connect(
             name_or_path,
@@ -56,6 +58,7 @@ class AutoDistributedModel:
             step_timeout=step_timeout,
             client_config=client_config,
             cache_dir=cache_dir,
+            swarm_key=swarm_key,
         )
         try:
             client_class = CLIENT_KINDS[model.family.client_kind]

@@ -26,5 +26,6 @@ class ClientConfig:
     excluded_peers: set[str] = field(default_factory=set)  # peer ids never to use
     retry: RetryPolicy = field(default_factory=RetryPolicy)  # how failed requests are retried elsewhere
     verify: VerifyConfig | None = None  # spot checks of servers' outputs by other servers (None: none)
+    swarm_key: bytes | None = None  # the key of a private swarm (`swarm.network.load_swarm_key(FILE)`)
     torrent_host: str = "0.0.0.0"  # interface libtorrent listens on while fetching a model published in the swarm
     fetch_timeout: float = 600.0  # seconds fetching a published model's client-side files may take

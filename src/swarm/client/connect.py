@@ -18,6 +18,7 @@ from swarm.distribution.torrents import TorrentSession
 from swarm.errors import ConfigurationError
 from swarm.models import FAMILIES, family_for
 from swarm.models.base import ModelFamily
+from swarm.network import start_dht, swarm_key_argument
 
 
 @dataclass
@@ -40,15 +41,16 @@ def connect(
     step_timeout: float | None = None,
     client_config: ClientConfig | None = None,
     cache_dir: str | os.PathLike | None = None,
+    swarm_key: bytes | str | os.PathLike | None = None,
 ) -> SwarmModel:
     """Reads the model's configuration, picks its family (`UnsupportedModelError` if swarm cannot cut it), and
     waits up to `coverage_timeout` seconds for servers to cover every block (`MissingBlocksError` naming the
     blocks nobody serves). A model that is not on this disk is looked up in the swarm by name, and only its
     client-side files are fetched, into `cache_dir` (default ~/.cache/swarm/models/NAME-<hash>). The caller's
-    `client_config` is copied, never changed."""
+    `client_config` is copied, never changed. `swarm_key` (the key, or its file) joins a private swarm."""
     path = local_model_path(name_or_path)
     given = client_config or ClientConfig()
-    overrides = {"coverage_timeout": coverage_timeout, "step_timeout": step_timeout}
+    overrides = {"coverage_timeout": coverage_timeout, "step_timeout": step_timeout, "swarm_key": swarm_key_argument(swarm_key)}
     client_config = dataclasses.replace(
         given,
         initial_peers=list(initial_peers or given.initial_peers),
@@ -59,7 +61,7 @@ def connect(
         raise ConfigurationError("pass initial_peers: the multiaddrs of any peer of the swarm")
     if path is not None:
         config, weights_path, family = open_model(path)
-    dht = hivemind.DHT(initial_peers=client_config.initial_peers, client_mode=True, start=True)
+    dht = start_dht(client_config.initial_peers, client_mode=True, swarm_key=client_config.swarm_key)
     try:
         if path is None:
             path = fetch_client_files(dht, str(name_or_path), client_config, cache_dir)

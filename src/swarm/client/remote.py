@@ -30,7 +30,9 @@ from swarm.errors import (
     SessionExpiredError,
     SwarmUnavailableError,
 )
+from swarm.handshake import check_answer, hello_request
 from swarm.models.base import LAYER_OUTPUT
+from swarm.network import start_dht
 from swarm.records import ServerRecord, fetch_records
 from swarm.spans import BlockSpan
 from swarm.transport import Connection, TransportLimits
@@ -58,7 +60,7 @@ class RemoteBlocks:
         self.model_name = model_name
         self.span = BlockSpan(0, num_blocks)
         self.phases = tuple(phases)  # the passes of a step over a route (see `ModelFamily.phases`); () for one
-        self.dht = dht or hivemind.DHT(initial_peers=config.initial_peers, client_mode=True, start=True)
+        self.dht = dht or start_dht(config.initial_peers, client_mode=True, swarm_key=config.swarm_key)
         self.latencies: dict[str, float] = {}
         self.request_rows: dict[str, int] = {}  # peer id -> rows of hidden states it takes per request (its info)
         self.banned_until: dict[str, float] = {}
@@ -123,7 +125,7 @@ class RemoteBlocks:
     def ping(self, server: ServerRecord) -> float | None:
         """Round-trip seconds of an `info` request to `server` (which also says its limits), or None if it fails."""
         try:
-            connection = self.connection(server.address)
+            connection = self.connection(server)
             started = time.perf_counter()
             info, _ = connection.request({"method": "info"}, timeout=self.config.ping_timeout)
             seconds = time.perf_counter() - started
@@ -144,18 +146,37 @@ class RemoteBlocks:
         self.banned_until[server.peer_id] = time.monotonic() + duration
         self.latencies.pop(server.peer_id, None)
         with self._lock:
-            connection = self._connections.pop(server.address, None)
+            connection = self._connections.pop(server.peer_id, None)
         if connection is not None:
             connection.close()
 
-    def connection(self, address: str) -> Connection:
-        """A shared connection to `address` for stateless requests."""
+    def connection(self, server: ServerRecord) -> Connection:
+        """A shared connection to `server` for stateless requests."""
         with self._lock:
-            connection = self._connections.get(address)
-            if connection is None or connection.closed:
-                connection = Connection(address, self.config.connect_timeout, self.transport_limits)
-                self._connections[address] = connection
+            connection = self._connections.get(server.peer_id)
+            if connection is not None and not connection.closed:
+                return connection
+        connection = self.open_connection(server)
+        with self._lock:
+            previous = self._connections.get(server.peer_id)
+            if previous is not None and not previous.closed:
+                connection.close()
+                return previous
+            self._connections[server.peer_id] = connection
             return connection
+
+    def open_connection(self, server: ServerRecord) -> Connection:
+        """A new connection to `server`, which has proven it is the peer that signed its record (and holds the
+        swarm key of a private swarm): see `swarm.handshake`."""
+        connection = Connection(server.address, self.config.connect_timeout, self.transport_limits)
+        try:
+            request = hello_request(self.config.swarm_key)
+            answer, _ = connection.request(request, timeout=self.config.connect_timeout)
+            check_answer(request, answer, server.peer_id, server.address, self.config.swarm_key)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
 
     @property
     def transport_limits(self) -> TransportLimits:
@@ -184,7 +205,7 @@ class RemoteBlocks:
             hop = route[0]
             fields = {"method": "forward", "start": hop.span.start, "end": hop.span.end}
             try:
-                _, outputs = run_hop(self.connection(hop.server.address), hop, fields, tensors, self.request_timeout(tokens_of(tensors)))
+                _, outputs = run_hop(self.connection(hop.server), hop, fields, tensors, self.request_timeout(tokens_of(tensors)))
                 if self.verifier is not None and self.verifier.should_check():
                     self.check_forward(hop, fields, tensors, outputs)
             except Exception as error:
@@ -206,7 +227,7 @@ class RemoteBlocks:
         opinions = []
         for checker in checkers[:3]:
             try:
-                connection = self.connection(checker.address)
+                connection = self.connection(checker)
                 _, output = run_hop(connection, Hop(checker, hop.span), fields, tensors, self.request_timeout(tokens_of(tensors)))
             except PeerError as error:
                 self.ban(checker, f"it failed while checking another server: {error}")

@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from swarm.errors import BadRequestError, PeerError, RemoteError
+from swarm.errors import AccessDeniedError, BadRequestError, PeerError, RemoteError
 
 
 @dataclass(frozen=True)
@@ -55,5 +55,8 @@ class RetryBudget:
 
 
 def is_retriable(error: BaseException) -> bool:
-    """Peer and transport failures, and servers' own errors, are worth trying elsewhere; bugs are not."""
-    return isinstance(error, PeerError) or (isinstance(error, RemoteError) and not isinstance(error, BadRequestError))
+    """Peer and transport failures, and servers' own errors, are worth trying elsewhere; bugs (and a key the
+    client lacks) are not."""
+    return isinstance(error, PeerError) or (
+        isinstance(error, RemoteError) and not isinstance(error, (BadRequestError, AccessDeniedError))
+    )

@@ -120,7 +120,7 @@ class InferenceSession:
     def _open(self, hop: Hop) -> ServerSession:
         config = self.remote.config
         try:
-            connection = Connection(hop.server.address, config.connect_timeout, self.remote.transport_limits)
+            connection = self.remote.open_connection(hop.server)
             fields = {"method": "open", "start": hop.span.start, "end": hop.span.end, "max_length": self.max_length}
             reply, _ = connection.request(fields, timeout=config.step_timeout)
         except Exception as error:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -12,23 +11,16 @@ from pathlib import Path
 from hivemind import DHT
 
 from swarm.distribution.manifest import ROOT, Manifest
-from swarm.distribution.records import Announcement, Identity, announce_model
+from swarm.distribution.records import Announcement, announce_model
 from swarm.distribution.split import split_model
 from swarm.distribution.torrents import Torrent, TorrentSession, create_torrent
 from swarm.errors import ConfigurationError
+from swarm.identity import Identity, swarm_cache
 
 logger = logging.getLogger(__name__)
 
 TORRENT_FILE = "model.torrent"  # beside the published folder
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")  # "@" is for pinning an info-hash
-
-
-def swarm_cache() -> Path:
-    return Path(os.environ.get("SWARM_CACHE_DIR") or Path.home() / ".cache" / "swarm").expanduser()
-
-
-def default_identity_path() -> Path:
-    return swarm_cache() / "identity.key"
 
 
 def check_name(name: str) -> str:

@@ -16,22 +16,17 @@ earliest publication, then the smallest info-hash; `NAME@INFOHASH` pins one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 
 from swarm.distribution.manifest import Manifest, ManifestError
 from swarm.errors import ConfigurationError
+from swarm.identity import Identity, key_id, signed_by
 
 logger = logging.getLogger(__name__)
 
@@ -45,42 +40,6 @@ def published_key(name: str) -> str:
 
 def seeders_key(info_hash: str) -> str:
     return f"swarm.seeders.{info_hash}"
-
-
-class Identity:
-    """A publisher's Ed25519 key pair."""
-
-    def __init__(self, private_key: Ed25519PrivateKey):
-        self.private_key = private_key
-        raw = private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        self.public_key = raw.hex()
-
-    @property
-    def key_id(self) -> str:
-        return key_id(self.public_key)
-
-    @classmethod
-    def load_or_create(cls, path: Path) -> "Identity":
-        """The key at `path`, created (readable by its owner only) when there is none."""
-        if path.is_file():
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            if not isinstance(key, Ed25519PrivateKey):
-                raise ConfigurationError(f"{path} does not hold an Ed25519 private key")
-            return cls(key)
-        key = Ed25519PrivateKey.generate()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
-            file.write(pem)
-        logger.info(f"Created a publisher identity in {path}")
-        return cls(key)
-
-    def sign(self, payload: bytes) -> str:
-        return self.private_key.sign(payload).hex()
-
-
-def key_id(public_key: str) -> str:
-    return hashlib.sha256(bytes.fromhex(public_key)).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -102,11 +61,7 @@ class Announcement:
         return cls(**{**asdict(unsigned), "signature": identity.sign(unsigned.payload())})
 
     def verified(self) -> bool:
-        try:
-            Ed25519PublicKey.from_public_bytes(bytes.fromhex(self.publisher)).verify(bytes.fromhex(self.signature), self.payload())
-        except (InvalidSignature, ValueError):
-            return False
-        return True
+        return signed_by(self.publisher, self.signature, self.payload())
 
     @classmethod
     def from_dict(cls, value) -> "Announcement | None":

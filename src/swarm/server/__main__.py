@@ -76,7 +76,13 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--cache-dir", type=Path, help="where a fetched model goes (default ~/.cache/swarm/models/NAME-<hash>)")
     parser.add_argument("--publish", metavar="NAME", help="publish the local model under NAME and seed it")
     parser.add_argument("--torrent-port", type=int, default=0, help="libtorrent port for fetching and seeding (default: any)")
-    parser.add_argument("--identity", type=Path, help="publisher key file (default ~/.cache/swarm/identity.key)")
+    parser.add_argument(
+        "--identity",
+        type=Path,
+        help="the server's key file, created if absent: its peer id, and the key its records, its answers to clients "
+        "and what it publishes are signed with (default: a new key each run; ~/.cache/swarm/identity.key to publish)",
+    )
+    parser.add_argument("--swarm-key", type=Path, metavar="FILE", help="key file of a private swarm (see python -m swarm.dht)")
     add_limit_arguments(parser)
     args = parser.parse_args(argv)
     return ServerConfig(
@@ -103,6 +109,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         publish=args.publish,
         torrent_port=args.torrent_port,
         identity=args.identity,
+        swarm_key=args.swarm_key,
         **{name: getattr(args, name) for name in LIMITS},
     )
 

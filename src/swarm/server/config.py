@@ -37,7 +37,9 @@ class ServerConfig:
     # with `publish`, where the published split is written (default ~/.cache/swarm/published/NAME)
     publish: str | None = None  # publish the local model under this name and seed it
     torrent_port: int = 0  # libtorrent's port when fetching or publishing; 0 picks a free one
-    identity: Path | None = None  # the publisher's key file (default ~/.cache/swarm/identity.key)
+    identity: Path | None = None  # the server's key file, created if absent: its peer id, its records' and its
+    # answers' signatures, and the publisher's key; None: a new key for each run (published as ~/.cache/swarm/identity.key)
+    swarm_key: Path | None = None  # the key file of a private swarm: only peers holding it reach this server or its DHT
     # bounds on what the server does for anyone: a request past one is answered with an error naming it
     max_request_tokens: int = 16384  # rows of hidden states (batch x positions) in one request; clients split
     # a longer prefill into steps that fit

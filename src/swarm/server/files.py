@@ -16,9 +16,9 @@ from pathlib import Path
 from hivemind import DHT
 
 from swarm.distribution.fetch import FetchedModel, Seeding, fetch_files
-from swarm.distribution.publish import default_identity_path, publish_model
-from swarm.distribution.records import Identity
+from swarm.distribution.publish import publish_model
 from swarm.distribution.torrents import TorrentSession
+from swarm.identity import Identity, default_identity_path
 from swarm.server.config import ServerConfig
 from swarm.spans import BlockSpan
 

@@ -16,9 +16,12 @@ from tqdm.auto import tqdm
 from swarm import __version__, wire
 from swarm.checkpoint import CheckpointIndex, load_model_config, local_model_path, model_name_of
 from swarm.distribution.fetch import split_pin
-from swarm.errors import ConfigurationError, ServerUnavailableError
+from swarm.errors import AccessDeniedError, ConfigurationError, ServerUnavailableError
+from swarm.handshake import answer_hello
+from swarm.identity import Identity
 from swarm.models import FAMILIES, family_for
 from swarm.models.base import LoadedSpan, load_span
+from swarm.network import load_swarm_key, start_dht
 from swarm.records import ServerRecord, ServerState, announce, fetch_records, reachable_host
 from swarm.server.block_selection import block_capacities, blocks_that_fit, choose_span, should_move
 from swarm.server.config import ServerConfig
@@ -58,6 +61,9 @@ class Server:
                 "and a new swarm has no published model to fetch it from"
             )
         self.model_name = config.model_name or config.publish or model_name_of(split_pin(config.model)[0])
+        # who this server is: its records are signed, and it proves it to every client that connects
+        self.identity = Identity.load_or_create(config.identity) if config.identity else Identity.generate()
+        self.swarm_key = load_swarm_key(config.swarm_key) if config.swarm_key is not None else None
         if self.local_path is not None:
             self._open_model(self.local_path)
         self.files: ServedFiles | None = None
@@ -112,9 +118,7 @@ class Server:
     def _start(self):
         config = self.config
         raise_open_files_limit()
-        self.dht = hivemind.DHT(
-            initial_peers=config.initial_peers, host_maddrs=[f"/ip4/{config.host}/tcp/{config.port}"], start=True
-        )
+        self.dht = start_dht(config.initial_peers, host=config.host, port=config.port, swarm_key=self.swarm_key)
         self.visible_maddrs = [str(maddr) for maddr in self.dht.get_visible_maddrs()]
         if config.new_swarm:
             print("To join this swarm, use --initial-peers " + " ".join(self.visible_maddrs), flush=True)
@@ -134,7 +138,7 @@ class Server:
     def _log_ready(self):
         logger.info(
             f"ready: serving {self.model_name} blocks {self.span} ({len(self.span)} of {self.num_blocks}) "
-            f"at {self.address}, {dtype_name(self.config.dtype)}, {self.throughput:.1f} tokens/s, peer {self.dht.peer_id}"
+            f"at {self.address}, {dtype_name(self.config.dtype)}, {self.throughput:.1f} tokens/s, peer {self.identity.key_id}"
         )
 
     def _initial_span(self) -> BlockSpan:
@@ -210,7 +214,7 @@ class Server:
 
     def _rebalance(self):
         records = self._fetch_records()
-        target = should_move(block_capacities(records, exclude_peer=str(self.dht.peer_id)), self.span, self.throughput)
+        target = should_move(block_capacities(records, exclude_peer=self.identity.key_id), self.span, self.throughput)
         if target is None:
             return
         logger.info(f"Moving from blocks {self.span} to {target}, which the swarm needs more")
@@ -221,6 +225,12 @@ class Server:
         self._log_ready()
 
     def _handle(self, fields, tensors, context):
+        if fields.get("method") == "hello":
+            answer = answer_hello(fields, self.identity, self.swarm_key)
+            context.greeted = True
+            return answer, {}
+        if self.swarm_key is not None and not context.greeted:
+            raise AccessDeniedError("this server belongs to a private swarm: a connection starts with hello and its key")
         handler = self.handler
         if handler is None:
             raise ServerUnavailableError("the server is loading its blocks")
@@ -234,8 +244,8 @@ class Server:
             )
 
     def _announce(self, state: ServerState):
-        record = ServerRecord(
-            peer_id=str(self.dht.peer_id),
+        record = ServerRecord.signed(
+            self.identity,
             start=self.span.start,
             end=self.span.end,
             state=state,
