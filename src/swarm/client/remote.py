@@ -103,9 +103,15 @@ class RemoteBlocks:
     def plan_route(self, span: BlockSpan | None = None, timeout: float | None = None) -> list[Hop]:
         """The fastest route over `span` now, after pinging servers whose latency is unknown."""
         span = span or self.span
-        self.wait_for_coverage(span, timeout)
-        self.measure_latencies(usable_servers(self.records_by_block, self.preferences()))
-        route = plan_route(self.records_by_block, span, self.preferences())
+        deadline = time.monotonic() + (self.config.coverage_timeout if timeout is None else timeout)
+        while True:
+            self.wait_for_coverage(span, max(0.0, deadline - time.monotonic()))
+            self.measure_latencies(usable_servers(self.records_by_block, self.preferences()))
+            try:
+                route = plan_route(self.records_by_block, span, self.preferences())
+                break
+            except ValueError:  # servers that did not answer their ping were left out: wait for others
+                self._records_time = -math.inf
         logger.info(f"Route for {self.model_name} blocks {span}: " + ", ".join(map(str, route)))
         return route
 
