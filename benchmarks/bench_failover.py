@@ -1,6 +1,7 @@
 """Failover benchmark: the stall a server's death adds to a generation, and proof the text is unchanged.
 
     python benchmarks/bench_failover.py [--new-tokens 64] [--kill-at 32]
+    python benchmarks/bench_failover.py --churn 120 [--churn-period 12]
 
 SmolLM2-135M-Instruct on a swarm of 6 servers on 127.0.0.1: blocks 0:10, 10:20 and 20:30, two replicas
 each. A greedy generation of `--new-tokens` tokens runs once undisturbed, then once more with the server
@@ -8,16 +9,24 @@ serving the middle span of the route killed (SIGKILL) right after token `--kill-
 stall (the gap before the next token minus the median gap), the part of it spent replaying the lost
 server's inputs on its replacement (from the client's log), the rest (detection, re-routing,
 reconnection: target at most 1 s), and whether the two texts are identical.
+
+With `--churn SECONDS`: SmolLM2 on 4 servers (0:15, 15:30 and two full replicas), one random server SIGKILLed and a
+new one started on its span every `--churn-period` seconds, while greedy generations of 160 tokens run one after
+the other for SECONDS. Reported: generations completed and identical to an undisturbed one, failures (by error
+type), and the stalls (gaps between tokens beyond twice the median gap): count, p50, p90, max.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import random
 import re
 import signal
 import statistics
 import tempfile
+import threading
 import time
 
 import torch
@@ -71,11 +80,68 @@ def generate(model, input_ids, new_tokens: int, clock: KillingClock) -> torch.Te
     return output, session
 
 
+def churn_run(seconds: float, period: float):
+    checkpoint = smollm2_checkpoint()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    chat = [{"role": "user", "content": PROMPT}]
+    input_ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    spans, new_tokens = ["0:15", "15:30", "0:30", "0:30"], 160
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    server_args = ("--announce-period", "5", "--record-ttl", "20")
+    with tempfile.TemporaryDirectory() as logs, LocalSwarm(checkpoint, spans, server_args=server_args, log_dir=logs) as swarm:
+        model = AutoDistributedModel.from_pretrained(checkpoint, initial_peers=swarm.initial_peers)
+        stop, kills = threading.Event(), []
+
+        def churn():
+            chooser = random.Random(0)
+            while not stop.wait(period):
+                index = chooser.randrange(len(spans))
+                os.killpg(swarm.servers[index].pid, signal.SIGKILL)
+                swarm.servers[index].process.wait()
+                replacement = swarm.launch_server(spans[index])
+                swarm.servers.remove(replacement)
+                swarm.servers[index] = replacement
+                kills.append(spans[index])
+
+        try:
+            clock = KillingClock()
+            expected = model.generate(input_ids, streamer=clock, **settings)
+            median_gap = statistics.median(b - a for a, b in zip(clock.times, clock.times[1:]))
+            killer = threading.Thread(target=churn, daemon=True)
+            killer.start()
+            started, results, failures, gaps = time.monotonic(), [], {}, []
+            while time.monotonic() - started < seconds:
+                clock = KillingClock()
+                try:
+                    results.append(torch.equal(model.generate(input_ids, streamer=clock, **settings), expected))
+                except Exception as error:
+                    failures[type(error).__name__] = failures.get(type(error).__name__, 0) + 1
+                gaps += [b - a for a, b in zip(clock.times, clock.times[1:])]
+            stop.set()
+            killer.join()
+        finally:
+            model.remote.shutdown()
+    stalls = sorted(gap - median_gap for gap in gaps if gap > 2 * median_gap)
+    quantile = lambda q: stalls[min(len(stalls) - 1, int(q * len(stalls)))] if stalls else 0.0  # noqa: E731
+    print(f"\nChurn: {len(kills)} servers killed and restarted in {seconds:.0f} s (one every {period:.0f} s)")
+    print(f"{'generations of ' + str(new_tokens) + ' tokens':<40} {len(results):>9}   identical to undisturbed: {sum(results)}")
+    print(f"{'failed generations':<40} {sum(failures.values()):>9}   {failures or ''}")
+    print(f"{'median gap between tokens':<40} {median_gap * 1000:>9.1f} ms")
+    print(f"{'stalls (gaps over twice the median)':<40} {len(stalls):>9}")
+    for name, value in [("p50", quantile(0.5)), ("p90", quantile(0.9)), ("max", stalls[-1] if stalls else 0.0)]:
+        print(f"{'  stall ' + name:<40} {value * 1000:>9.1f} ms")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--kill-at", type=int, default=32)
+    parser.add_argument("--churn", type=float, help="seconds of generation under churn (instead of one kill)")
+    parser.add_argument("--churn-period", type=float, default=12.0, help="seconds between kills under churn")
     args = parser.parse_args()
+    if args.churn:
+        logging.basicConfig(level=logging.ERROR)
+        return churn_run(args.churn, args.churn_period)
     logging.basicConfig(level=logging.WARNING)
     replay_log = ReplayLog()
     session_logger = logging.getLogger("swarm.client.session")
