@@ -11,6 +11,7 @@ import json
 import re
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -18,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from swarm import wire
+from swarm import AutoDistributedModel, wire
 from swarm.errors import BadRequestError, ServerBusyError
 from swarm.launch import LocalSwarm
 from swarm.server.server import raise_open_files_limit
@@ -44,7 +45,11 @@ def server(tiny_llama, tmp_path_factory):
     args = tuple(item for pair in LIMITS.items() for item in pair)
     with LocalSwarm(tiny_llama, ["0:5"], server_args=args, log_dir=tmp_path_factory.mktemp("logs")) as swarm:
         address = swarm.servers[0].address
+        SWARMS[address] = swarm
         yield address, forward(address)
+
+
+SWARMS = {}  # the server's address -> its LocalSwarm
 
 
 HIDDEN = torch.randn(2, 7, WIDTH, generator=torch.Generator().manual_seed(0))
@@ -277,6 +282,42 @@ def test_steps_past_max_length_are_refused(server):
 def test_random_bytes_never_break_the_server(server, data, declared):
     reply_to(server[0], struct.pack("<II", *declared) + data, then_close=True)
     reply_to(server[0], frame(data), then_close=True)
+
+
+def test_eight_clients_generate_while_a_fuzzer_runs(server, tiny_llama, local_tiny_llama):
+    """Eight clients (threads of one client model, a session each) generate while another thread sends malformed
+    frames and bad requests as fast as it can: every output is the local model's."""
+    prompts = [torch.randint(3, 131, (1, 4 + index), generator=torch.Generator().manual_seed(index)) for index in range(8)]
+    expected = [local_tiny_llama.generate(prompt, max_new_tokens=12, do_sample=False) for prompt in prompts]
+    model = AutoDistributedModel.from_pretrained(tiny_llama, initial_peers=SWARMS[server[0]].initial_peers)
+    stop, outputs, errors = threading.Event(), {}, []
+
+    def fuzz():
+        cases = [frame(header) for header, _, _ in MALFORMED.values()] + [wire.FRAME_PREFIX.pack(10, 2**30) + b"{}"]
+        while not stop.is_set():
+            for data in cases:
+                reply_to(server[0], data, then_close=True)
+
+    def generate(index: int):
+        try:
+            outputs[index] = model.generate(prompts[index], max_new_tokens=12, do_sample=False)
+        except Exception as error:
+            errors.append(error)
+
+    fuzzer = threading.Thread(target=fuzz, daemon=True)
+    fuzzer.start()
+    clients = [threading.Thread(target=generate, args=(index,)) for index in range(8)]
+    try:
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(120)
+    finally:
+        stop.set()
+        fuzzer.join(30)
+        model.remote.shutdown()
+    assert not errors, errors
+    assert all(torch.equal(outputs[index], expected[index]) for index in range(8))
 
 
 def test_after_the_fuzzing_the_server_still_serves(server):

@@ -10,6 +10,7 @@ import torch
 
 from swarm import AutoDistributedModel
 from swarm.client.config import ClientConfig
+from swarm.client.session import catch_up
 from swarm.client.verify import VerifyConfig
 from swarm.errors import VerificationError
 from swarm.launch import LocalSwarm
@@ -84,3 +85,29 @@ def test_two_servers_that_disagree_with_no_third_raise(tiny_llama, tmp_path):
                 model.remote.shutdown()
         finally:
             liar.stop()
+
+
+def test_a_lying_server_is_caught_during_beam_search(swarm_with_liar, tiny_llama, local_tiny_llama):
+    """Beam search reorders the servers' caches between steps: the checking server's catch-up keeps the order."""
+    swarm, liar_id = swarm_with_liar
+    model = client(swarm, tiny_llama, liar_id, VerifyConfig(fraction=0.3, first_steps=1, seed=1))
+    try:
+        remote, expected = generate_both(model, local_tiny_llama, prompt(), max_new_tokens=6, num_beams=3)
+        assert_same_generation(remote, expected)
+        assert liar_id in model.remote.banned_until
+    finally:
+        model.remote.shutdown()
+
+
+def test_catch_up_joins_steps_into_as_few_requests_as_give_the_same_state():
+    hidden = lambda tokens: torch.zeros(2, tokens, 4)  # noqa: E731
+    positions = lambda start, tokens: torch.arange(start, start + tokens).expand(2, -1)  # noqa: E731
+    first = {"hidden_states": hidden(3), "position_ids": positions(0, 3), "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])}
+    steps = [first, {"hidden_states": hidden(1), "position_ids": positions(3, 1)},
+             {"hidden_states": hidden(1), "position_ids": positions(4, 1), "hypo_ids": torch.tensor([1, 0])},
+             {"hidden_states": hidden(1), "position_ids": positions(5, 1)}]  # fmt: skip
+    joined = catch_up(steps)
+    assert len(joined) == 2  # the reorder starts a new request
+    assert joined[0]["hidden_states"].shape == (2, 4, 4) and joined[0]["position_ids"].tolist() == [[0, 1, 2, 3]] * 2
+    assert joined[0]["attention_mask"].tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]]
+    assert joined[1]["hypo_ids"].tolist() == [1, 0] and joined[1]["position_ids"].tolist() == [[4, 5]] * 2

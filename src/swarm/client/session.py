@@ -59,6 +59,7 @@ class ServerSession:
     length: int = 0  # positions the server's session holds, as its last reply said
     shadow: ServerSession | None = None  # a session on another server of the same blocks that checks this one
     last_outputs: Tensors | None = None  # the tensors of its last reply
+    shadow_seen: int = 0  # requests of `history` its shadow has been sent
 
     def step(self, remote: RemoteBlocks, tensors: Tensors, phases: Phases, step: int) -> tuple[dict, Tensors]:
         fields = {"method": "step", "session_id": self.session_id}
@@ -237,16 +238,22 @@ class InferenceSession:
 
     def _shadow_output(self, server_session: ServerSession) -> Tensors | None:
         """The output of `server_session`'s last step on its shadow (opened on another server of its blocks if it
-        has none), after sending it whatever the hop was sent since; None if no other server hosts the blocks."""
-        if server_session.shadow is None:
+        has none), after sending it whatever the hop was sent since, as few requests as it can (`catch_up`);
+        None if no other server hosts the blocks."""
+        if server_session.shadow is None or server_session.shadow_seen > len(server_session.history):
             checkers = self.remote.checkers(server_session.hop)
             if not checkers:
                 return None
+            if server_session.shadow is not None:
+                server_session.shadow.close()
             server_session.shadow = self._open(Hop(checkers[0], server_session.hop.span))
-        shadow, outputs = server_session.shadow, None
-        for request in server_session.history[len(shadow.history) :]:
-            _, outputs = shadow.step(self.remote, request.tensors, request.phases, request.step)
-        return outputs
+            server_session.shadow_seen = 0
+        shadow, pending = server_session.shadow, server_session.history[server_session.shadow_seen :]
+        for tensors in catch_up([request.tensors for request in pending]):
+            _, outputs = shadow.step(self.remote, tensors, None, self.steps)
+        server_session.shadow_seen = len(server_session.history)
+        last_positions = pending[-1].tensors["hidden_states"].shape[1]
+        return {name: tensor[:, -last_positions:] if tensor.ndim == 3 else tensor for name, tensor in outputs.items()}
 
     def _goes_back(self, phases: Phases) -> bool:
         """Whether a request with `phases` returns what the next request of the way back receives."""
@@ -315,6 +322,38 @@ class InferenceSession:
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+def catch_up(requests: list[Tensors]) -> list[Tensors]:
+    """Consecutive steps of one pass joined into as few requests as give the same state: their new positions one
+    after the other (a new run starts at a step that reorders beams, which must come first in its request)."""
+    joined: list[list[Tensors]] = []
+    for tensors in requests:
+        if joined and _joins(joined[-1][0], tensors):
+            joined[-1].append(tensors)
+        else:
+            joined.append([tensors])
+    return [_join(run) for run in joined]
+
+
+def _joins(first: Tensors, tensors: Tensors) -> bool:
+    """Whether a step can join a run that `first` starts: it reorders no beams, and carries what `first` carries,
+    less what only a first step sends (an encoder's output) or a mask of all ones."""
+    names, first_names = set(tensors) - {"hypo_ids"}, set(first)
+    may_lack = {"attention_mask"} | (first_names - set(PER_POSITION))
+    return tensors.get("hypo_ids") is None and names <= first_names and first_names - names <= may_lack
+
+
+def _join(run: list[Tensors]) -> Tensors:
+    first = run[0]
+    joined = {name: tensor for name, tensor in first.items() if name not in PER_POSITION}
+    for name in PER_POSITION:
+        if name in first:
+            parts = [tensors.get(name) for tensors in run]
+            shapes = [tensors["hidden_states"].shape[:2] for tensors in run]
+            parts = [part if part is not None else torch.ones(shape, dtype=first[name].dtype) for part, shape in zip(parts, shapes)]
+            joined[name] = torch.cat(parts, dim=1)
+    return joined
 
 
 def plan_requests(count: int, phases: Phases, model_phases: tuple[str, ...]) -> list[tuple[int, Phases]]:
