@@ -126,3 +126,22 @@ def test_a_reply_declaring_a_huge_size_is_refused_at_once():
         assert time.monotonic() - started < 1
     finally:
         done.set()
+
+
+def test_a_session_that_expired_on_its_server_is_replayed(tiny_llama, local_tiny_llama, tmp_path):
+    """The user pauses longer than the servers keep an idle session: the next turn replays the conversation on a
+    new session (the servers are healthy: none is left out) and goes on exactly."""
+    with LocalSwarm(tiny_llama, ["0:2", "2:5"], server_args=("--session-timeout", "1"), log_dir=tmp_path) as swarm:
+        model = AutoDistributedModel.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers)
+        try:
+            first, second = prompt()[:1, :6], prompt()[1:, :4]
+            with model.inference_session(max_length=40):
+                turn_one = model.generate(first, max_new_tokens=5, do_sample=False)
+                time.sleep(3)  # the servers close the idle session
+                turn_two = model.generate(second, max_new_tokens=5, do_sample=False)
+            conversation = torch.cat([turn_one, second], dim=1)
+            expected = local_tiny_llama.generate(conversation, max_new_tokens=5, do_sample=False)
+            assert torch.equal(torch.cat([turn_one, turn_two], dim=1), expected)
+            assert not model.remote.banned_until
+        finally:
+            model.remote.shutdown()

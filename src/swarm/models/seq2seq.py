@@ -2,21 +2,14 @@
 
 The class the checkpoint names (`WhisperForConditionalGeneration`, `SpeechT5ForTextToSpeech`), built on the meta
 device, tells where the layers are: in its encoder (`model.get_encoder()`) and in its decoder, the one
-`nn.ModuleList` of `config.encoder_layers` (`decoder_layers`) transformers layers. Blocks 0..E-1 are the encoder's
-layers and blocks E..E+D-1 the decoder's; the two stacks are the family's stages, so a span may cross from the
-encoder into the decoder while every request stays within one stage. What runs before and after the layers (a
-convolutional front end, pre-nets, post-nets, the final norms, the head) stays on the client, as its own code.
+`nn.ModuleList` of `config.encoder_layers` (`decoder_layers`) transformers layers. The encoder's layers come first,
+then the decoder's (see `swarm.models.encoder_decoder` for the stacks, the requests and the sessions). What runs
+before and after the layers (a convolutional front end, pre-nets, post-nets, the final norms, the head) stays on
+the client, as its own code.
 
-Encoder request (no session):  hidden_states (B, S, d_model), attention_mask (B, S) optional (not for a model
-                               whose encoder gives its layers none, like Whisper).
-Decoder request:               hidden_states (B, T, d_model), attention_mask (B, T) optional,
-                               encoder_hidden_states (B, S, d_model) and encoder_attention_mask (B, S) optional:
-                               with every forward, and with the first step of a session, which keeps them;
-                               hypo_ids (B,) optional in a session (beam search).
-
-A decoder session keeps its self- and cross-attention caches (`EncoderDecoderCache`) and the encoder output.
-A model whose encoder gives its layers more than the mask (SpeechT5's relative position bias) names, in its
-`EncoderExtras`, the modules of the encoder that compute it; every server of the encoder loads them.
+A model whose encoder gives its layers no mask (Whisper) takes none; one whose encoder gives them more than the mask
+(SpeechT5's relative position bias) names, in its `EncoderExtras`, the modules of the encoder that compute it, which
+every server of the encoder loads.
 """
 
 from __future__ import annotations
@@ -27,20 +20,15 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from swarm.errors import UnsupportedModelError
-from swarm.models.base import LAYER_OUTPUT, ClientStack, LoadedSpan, ModelFamily, Tensors
-from swarm.models.checks import check_hidden_states, check_mask, check_names, check_output_layers, require
+from swarm.models.base import ClientStack, LoadedSpan
+from swarm.models.encoder_decoder import DECODER, ENCODER, KEPT, DecoderStep, EncoderDecoderFamily, Keep
 from swarm.models.encoder_layout import build_model
 from swarm.models.layout import converted_patterns, loading_renamer
-from swarm.models.state import SequenceState
 from swarm.spans import BlockSpan
-
-ENCODER, DECODER = "encoder", "decoder"
-KEPT = ("encoder_hidden_states", "encoder_attention_mask")  # what a decoder session keeps from its first step
 
 
 @dataclass(frozen=True)
@@ -115,8 +103,7 @@ def _returns(layer: nn.Module, hidden_size: int) -> int:
     return len(output) if isinstance(output, tuple) else 0
 
 
-class Seq2SeqFamily(ModelFamily):
-    client_kind = "seq2seq_lm"
+class Seq2SeqFamily(EncoderDecoderFamily):
 
     def __init__(
         self,
@@ -148,14 +135,14 @@ class Seq2SeqFamily(ModelFamily):
         layout = self.layout(config)
         return layout.encoder_count + layout.decoder_count
 
-    def stages(self, config) -> list[BlockSpan]:
-        count = self.layout(config).encoder_count
-        return [BlockSpan(0, count), BlockSpan(count, self.num_blocks(config))]
+    def encoder_blocks(self, config) -> int:
+        return self.layout(config).encoder_count
 
-    def stack_of(self, config, index: int) -> tuple[str, int]:
-        """("encoder", i) or ("decoder", j) for global block `index`."""
-        count = self.layout(config).encoder_count
-        return (ENCODER, index) if index < count else (DECODER, index - count)
+    def width(self, config) -> int:
+        return self.layout(config).hidden_size
+
+    def encoder_takes_mask(self, config) -> bool:
+        return self.encoder_mask
 
     def block_tensor_names(self, config, index: int, checkpoint_names) -> dict[str, str]:
         layout, checkpoint_names = self.layout(config), list(checkpoint_names)
@@ -205,100 +192,34 @@ class Seq2SeqFamily(ModelFamily):
             helpers[name] = module.to(device).eval().requires_grad_(False)
         return helpers
 
-    def example_inputs(self, loaded: LoadedSpan) -> Tensors:
-        hidden = torch.zeros(1, 1, self.layout(loaded.config).hidden_size, dtype=loaded.dtype, device=loaded.device)
-        inputs = {"hidden_states": hidden}
-        if self.stack_of(loaded.config, loaded.span.start)[0] == DECODER:
-            inputs["encoder_hidden_states"] = hidden.clone()
-        return inputs
-
-    def new_session_state(self, loaded: LoadedSpan, sub_span: BlockSpan, max_length: int) -> SequenceState:
-        require(
-            self.stack_of(loaded.config, sub_span.start)[0] == DECODER,
-            "sessions run decoder blocks; encoder blocks take plain forward requests",
-        )
-        return SequenceState(cache=EncoderDecoderCache(DynamicCache(), DynamicCache()))
-
-    def check_inputs(self, loaded: LoadedSpan, inputs: Tensors, state, max_length, sub_span: BlockSpan, phase):
-        width, stack = self.layout(loaded.config).hidden_size, self.stack_of(loaded.config, sub_span.start)[0]
-        batch, tokens = check_hidden_states(inputs, "hidden_states", width, loaded.dtype)
-        if stack == ENCODER:
-            allowed = {"hidden_states", "output_layers"} | ({"attention_mask"} if self.encoder_mask else set())
-        else:
-            allowed = {"hidden_states", "attention_mask", "output_layers", *KEPT, "hypo_ids"}
-        check_names(inputs, allowed, f"{loaded.config.model_type} {stack} blocks")
-        check_mask(inputs.get("attention_mask"), "attention_mask", batch, tokens)
-        check_output_layers(inputs.get("output_layers"), self.num_blocks(loaded.config))
-        if stack == ENCODER:
-            return
-        encoder = inputs.get("encoder_hidden_states")
-        if state is None or "encoder_hidden_states" not in state.kept:
-            require(encoder is not None, "decoder blocks need 'encoder_hidden_states' (in a session: with its first step)")
-        if encoder is not None:
-            require(
-                encoder.ndim == 3 and encoder.shape[0] == batch and encoder.shape[2] == width and encoder.shape[1] > 0,
-                f"encoder_hidden_states must have shape ({batch}, source_length, {width}), got {tuple(encoder.shape)}",
-            )
-            require(encoder.dtype == loaded.dtype, f"encoder_hidden_states must be {loaded.dtype}")
-            check_mask(inputs.get("encoder_attention_mask"), "encoder_attention_mask", batch, encoder.shape[1])
-        else:
-            require("encoder_attention_mask" not in inputs, "encoder_attention_mask comes with encoder_hidden_states")
-        if state is not None:
-            state.check_step(inputs.get("hypo_ids"), batch, tokens, max_length)
-
-    def forward(self, loaded: LoadedSpan, sub_span: BlockSpan, inputs: Tensors, state, phase) -> Tensors:
-        stack = self.stack_of(loaded.config, sub_span.start)[0]
-        hidden = inputs["hidden_states"].to(loaded.device)
-        wanted = set(inputs["output_layers"].tolist()) if "output_layers" in inputs else set()
-        outputs = {}  # the outputs of the blocks in `wanted`, by their reply names
-
-        def keep(index: int, output: torch.Tensor):
-            if index in wanted:
-                outputs[LAYER_OUTPUT.format(index)] = output
-
-        if stack == ENCODER:
-            hidden = self._run_encoder(loaded, sub_span, hidden, inputs.get("attention_mask"), keep)
-        else:
-            hidden = self._run_decoder(loaded, sub_span, hidden, inputs, state, keep)
-        return {"hidden_states": hidden, **outputs}
-
-    def _run_encoder(self, loaded: LoadedSpan, sub_span: BlockSpan, hidden, mask, keep):
-        mask = create_bidirectional_mask(config=loaded.config, inputs_embeds=hidden, attention_mask=_to(mask, hidden))
+    def run_encoder(self, loaded: LoadedSpan, sub_span: BlockSpan, hidden, mask, keep: Keep):
+        mask = create_bidirectional_mask(config=loaded.config, inputs_embeds=hidden, attention_mask=mask)
         extras = self.encoder_extras.make(loaded.helpers, hidden) if self.encoder_extras else {}
         for index, block in zip(sub_span, loaded.blocks_of(sub_span)):
             hidden = _hidden(block(hidden, mask, **extras))
             keep(index, hidden)
         return hidden
 
-    def _run_decoder(self, loaded: LoadedSpan, sub_span: BlockSpan, hidden, inputs: Tensors, state, keep):
-        batch, tokens = hidden.shape[:2]
-        kept = {name: inputs[name] for name in KEPT if inputs.get(name) is not None}
-        cache, mask = None, inputs.get("attention_mask")
-        if state is not None:
-            if (hypo_ids := inputs.get("hypo_ids")) is not None:
-                state.reorder(hypo_ids.to(loaded.device))
-            if "encoder_hidden_states" in kept:
-                state.kept = {name: tensor.to(loaded.device) for name, tensor in kept.items()}
-            kept, cache = state.kept, state.cache
-            mask = state.mask_with(mask, batch, tokens)
-        encoder_hidden = kept["encoder_hidden_states"].to(loaded.device)
-        self_cache = cache.self_attention_cache if cache is not None else None
-        first_layer = self.stack_of(loaded.config, sub_span.start)[1]
+    def run_decoder(self, loaded: LoadedSpan, sub_span: BlockSpan, hidden, step: DecoderStep, keep: Keep):
+        encoder_hidden = step.kept["encoder_hidden_states"]
+        self_cache = step.cache.self_attention_cache if step.cache is not None else None
         causal_mask = create_causal_mask(
-            config=loaded.config, inputs_embeds=hidden, attention_mask=_to(mask, hidden), cache=self_cache, layer_idx=first_layer
+            config=loaded.config,
+            inputs_embeds=hidden,
+            attention_mask=step.mask,
+            cache=self_cache,
+            layer_idx=self.stack_of(loaded.config, sub_span.start)[1],
         )
         cross_mask = create_bidirectional_mask(
             config=loaded.config,
             inputs_embeds=hidden,
-            attention_mask=_to(kept.get("encoder_attention_mask"), hidden),
+            attention_mask=step.kept.get("encoder_attention_mask"),
             encoder_hidden_states=encoder_hidden,
         )
         for index, block in zip(sub_span, loaded.blocks_of(sub_span)):
-            output = block(hidden, causal_mask, encoder_hidden, encoder_attention_mask=cross_mask, cache=cache, use_cache=cache is not None)
+            output = block(hidden, causal_mask, encoder_hidden, encoder_attention_mask=cross_mask, cache=step.cache, use_cache=step.cache is not None)
             hidden = _hidden(output)
             keep(index, hidden)
-        if state is not None:
-            state.advance(mask, batch, tokens)
         return hidden
 
     # The client side: the checkpoint's class, both stacks of layers in the swarm
@@ -324,10 +245,6 @@ class Seq2SeqFamily(ModelFamily):
 
 def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
-
-
-def _to(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    return mask.to(like.device) if mask is not None else None
 
 
 def speecht5_position_bias(modules: dict[str, nn.Module], hidden: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,156 @@
+"""What every encoder-decoder family shares: two stacks of blocks numbered in execution order, and decoder sessions.
+
+Blocks 0..E-1 are the encoder's, blocks E..E+D-1 the decoder's; the two stacks are the family's stages, so a
+server may host a span that crosses from the encoder into the decoder, and every request stays within one stage.
+
+Encoder request (no session):  hidden_states (B, S, width), attention_mask (B, S) optional, output_layers optional.
+Decoder request:               hidden_states (B, T, width), attention_mask (B, T) optional,
+                               encoder_hidden_states (B, S, width) and encoder_attention_mask (B, S) optional:
+                               with every forward, and with the first step of a session, which keeps them;
+                               hypo_ids (B,) optional in a session (beam search), output_layers optional.
+
+A decoder session keeps its self- and cross-attention caches (`EncoderDecoderCache`) and the encoder output.
+A family says how many blocks each stack has and how a run of its blocks is called (`run_encoder`, `run_decoder`).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, EncoderDecoderCache
+
+from swarm.models.base import LAYER_OUTPUT, LoadedSpan, ModelFamily, Tensors
+from swarm.models.checks import check_hidden_states, check_mask, check_names, check_output_layers, require
+from swarm.models.state import SequenceState
+from swarm.spans import BlockSpan
+
+ENCODER, DECODER = "encoder", "decoder"
+KEPT = ("encoder_hidden_states", "encoder_attention_mask")  # what a decoder session keeps from its first step
+
+Keep = Callable[[int, torch.Tensor], None]  # keep(block index, its output): records what the request asked for
+
+
+@dataclass
+class DecoderStep:
+    """What a run of decoder blocks works with: the session's (or the request's) encoder output and masks."""
+
+    kept: Tensors  # encoder_hidden_states, and encoder_attention_mask if any
+    mask: torch.Tensor | None  # the attention mask of every position so far (None: all ones)
+    past: int  # positions before this step
+    cache: EncoderDecoderCache | None  # the session's caches (None without a session)
+
+
+class EncoderDecoderFamily(ModelFamily):
+    client_kind = "seq2seq_lm"
+
+    @abstractmethod
+    def encoder_blocks(self, config) -> int:
+        """How many blocks the encoder has (the decoder's follow)."""
+
+    @abstractmethod
+    def width(self, config) -> int:
+        """The hidden size of the hidden states both stacks take."""
+
+    def encoder_takes_mask(self, config) -> bool:
+        """Whether the model's encoder gives its layers an attention mask."""
+        return True
+
+    @abstractmethod
+    def run_encoder(self, loaded: LoadedSpan, sub_span: BlockSpan, hidden: torch.Tensor, mask, keep: Keep) -> torch.Tensor:
+        """Runs encoder blocks `sub_span` on `hidden` with the 2-D `mask` (or None)."""
+
+    @abstractmethod
+    def run_decoder(self, loaded: LoadedSpan, sub_span: BlockSpan, hidden: torch.Tensor, step: DecoderStep, keep: Keep) -> torch.Tensor:
+        """Runs decoder blocks `sub_span` on `hidden` for `step`."""
+
+    def stages(self, config) -> list[BlockSpan]:
+        count = self.encoder_blocks(config)
+        return [BlockSpan(0, count), BlockSpan(count, self.num_blocks(config))]
+
+    def stack_of(self, config, index: int) -> tuple[str, int]:
+        """("encoder", i) or ("decoder", j) for global block `index`."""
+        count = self.encoder_blocks(config)
+        return (ENCODER, index) if index < count else (DECODER, index - count)
+
+    def example_inputs(self, loaded: LoadedSpan) -> Tensors:
+        hidden = torch.zeros(1, 1, self.width(loaded.config), dtype=loaded.dtype, device=loaded.device)
+        inputs = {"hidden_states": hidden}
+        if self.stack_of(loaded.config, loaded.span.start)[0] == DECODER:
+            inputs["encoder_hidden_states"] = hidden.clone()
+        return inputs
+
+    def new_session_state(self, loaded: LoadedSpan, sub_span: BlockSpan, max_length: int) -> SequenceState:
+        require(
+            self.stack_of(loaded.config, sub_span.start)[0] == DECODER,
+            "sessions run decoder blocks; encoder blocks take plain forward requests",
+        )
+        return SequenceState(cache=EncoderDecoderCache(DynamicCache(), DynamicCache()))
+
+    def check_inputs(self, loaded: LoadedSpan, inputs: Tensors, state, max_length, sub_span: BlockSpan, phase):
+        width, stack = self.width(loaded.config), self.stack_of(loaded.config, sub_span.start)[0]
+        batch, tokens = check_hidden_states(inputs, "hidden_states", width, loaded.dtype)
+        if stack == ENCODER:
+            allowed = {"hidden_states", "output_layers"} | ({"attention_mask"} if self.encoder_takes_mask(loaded.config) else set())
+        else:
+            allowed = {"hidden_states", "attention_mask", "output_layers", *KEPT, "hypo_ids"}
+        check_names(inputs, allowed, f"{loaded.config.model_type} {stack} blocks")
+        check_mask(inputs.get("attention_mask"), "attention_mask", batch, tokens)
+        check_output_layers(inputs.get("output_layers"), self.num_blocks(loaded.config))
+        if stack == ENCODER:
+            return
+        encoder = inputs.get("encoder_hidden_states")
+        if state is None or "encoder_hidden_states" not in state.kept:
+            require(encoder is not None, "decoder blocks need 'encoder_hidden_states' (in a session: with its first step)")
+        if encoder is not None:
+            require(
+                encoder.ndim == 3 and encoder.shape[0] == batch and encoder.shape[2] == width and encoder.shape[1] > 0,
+                f"encoder_hidden_states must have shape ({batch}, source_length, {width}), got {tuple(encoder.shape)}",
+            )
+            require(encoder.dtype == loaded.dtype, f"encoder_hidden_states must be {loaded.dtype}")
+            check_mask(inputs.get("encoder_attention_mask"), "encoder_attention_mask", batch, encoder.shape[1])
+        else:
+            require("encoder_attention_mask" not in inputs, "encoder_attention_mask comes with encoder_hidden_states")
+        if state is not None:
+            state.check_step(inputs.get("hypo_ids"), batch, tokens, max_length)
+
+    def forward(self, loaded: LoadedSpan, sub_span: BlockSpan, inputs: Tensors, state, phase) -> Tensors:
+        hidden = inputs["hidden_states"].to(loaded.device)
+        wanted = set(inputs["output_layers"].tolist()) if "output_layers" in inputs else set()
+        outputs = {}  # the outputs of the blocks in `wanted`, by their reply names
+
+        def keep(index: int, output: torch.Tensor):
+            if index in wanted:
+                outputs[LAYER_OUTPUT.format(index)] = output
+
+        if self.stack_of(loaded.config, sub_span.start)[0] == ENCODER:
+            hidden = self.run_encoder(loaded, sub_span, hidden, to_device(inputs.get("attention_mask"), hidden), keep)
+        else:
+            batch, tokens = hidden.shape[:2]
+            step = begin_decoder_step(loaded, inputs, state, batch, tokens)
+            hidden = self.run_decoder(loaded, sub_span, hidden, step, keep)
+            if state is not None:
+                state.advance(step.mask, batch, tokens)
+        return {"hidden_states": hidden, **outputs}
+
+
+def begin_decoder_step(loaded: LoadedSpan, inputs: Tensors, state: SequenceState | None, batch: int, tokens: int) -> DecoderStep:
+    """The encoder output and masks a decoder step runs with: the request's, or in a session the ones kept from its
+    first step (its beams reordered first, if asked)."""
+    kept = {name: inputs[name] for name in KEPT if inputs.get(name) is not None}
+    mask = inputs.get("attention_mask")
+    if state is None:
+        return DecoderStep({name: tensor.to(loaded.device) for name, tensor in kept.items()}, to_device(mask, loaded), 0, None)
+    if (hypo_ids := inputs.get("hypo_ids")) is not None:
+        state.reorder(hypo_ids.to(loaded.device))
+    if "encoder_hidden_states" in kept:
+        state.kept = {name: tensor.to(loaded.device) for name, tensor in kept.items()}
+    mask = state.mask_with(mask, batch, tokens)
+    return DecoderStep(state.kept, to_device(mask, loaded), state.length, state.cache)
+
+
+def to_device(mask: torch.Tensor | None, like) -> torch.Tensor | None:
+    """`mask` on the device of `like` (a tensor or a `LoadedSpan`)."""
+    return mask.to(like.device) if mask is not None else None
