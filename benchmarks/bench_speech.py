@@ -12,11 +12,10 @@ seconds of `--repeats` runs after a warm-up, local against the swarm, and whethe
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
+from bench_encoders import seconds  # the median of repeated runs after a warm-up
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 from swarm import AutoDistributedModel
@@ -24,17 +23,6 @@ from swarm.launch import LocalSwarm
 from swarm.whisper import whisper_tiny_en_checkpoint
 
 RATE, TOKENS = 16000, 64
-
-
-def median_seconds(function, repeats: int):
-    with torch.no_grad():
-        output = function()  # warm-up
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            output = function()
-            times.append(time.perf_counter() - started)
-    return statistics.median(times), output
 
 
 def sound(seconds: float) -> np.ndarray:
@@ -61,8 +49,8 @@ def main():
                 ("encoder forward", lambda m: m.model.encoder(features.input_features).last_hidden_state),
                 (f"generate, {TOKENS} tokens", lambda m: m.generate(features.input_features, **settings)),
             ]:
-                local_seconds, expected = median_seconds(lambda: run(local), args.repeats)
-                swarm_seconds, output = median_seconds(lambda: run(model), args.repeats)
+                local_seconds, expected = seconds(lambda: run(local), args.repeats)
+                swarm_seconds, output = seconds(lambda: run(model), args.repeats)
                 same = torch.equal(output, expected) if output.dtype == torch.int64 else float((output - expected).abs().max())
                 print(f"  {name:22s} local {local_seconds * 1e3:8.1f} ms   swarm {swarm_seconds * 1e3:8.1f} ms   "
                       f"ratio {local_seconds / swarm_seconds:5.2f}   {'identical' if same is True else f'max diff {same:.1e}'}")  # fmt: skip

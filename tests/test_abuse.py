@@ -266,6 +266,22 @@ def test_steps_past_the_cache_memory_wait_then_are_told_busy(server):
     assert_still_serving(server)
 
 
+def test_a_request_whose_client_has_gone_is_dropped_not_computed(server):
+    """Requests queue for the one compute thread: those whose client has closed its connection meanwhile are
+    dropped (the server says so in its log)."""
+    swarm = SWARMS[server[0]]
+    request = frame(json.dumps({"method": "forward", "start": 0, "end": 5, "tensors": [{"name": "hidden_states", "dtype": "float32", "shape": [4, 16, WIDTH]}]}).encode(), bytes(4 * 16 * WIDTH * 4))
+    busy = [raw_connection(server[0]) for _ in range(6)]
+    for sock in busy:  # the compute thread has work queued; the clients leave without waiting for it
+        sock.sendall(request)
+        sock.close()
+    deadline = time.monotonic() + 10
+    while not any("its client has gone" in line for line in swarm.servers[0].lines):
+        assert time.monotonic() < deadline, swarm.servers[0].output()
+        time.sleep(0.1)
+    assert_still_serving(server)
+
+
 def test_steps_past_max_length_are_refused(server):
     connection = Connection(server[0], timeout=30)
     try:

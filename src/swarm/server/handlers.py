@@ -13,6 +13,7 @@ Requests are `{"method": ..., ...fields}` plus named tensors (see `swarm.wire`):
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from swarm.server.sessions import SessionManager
 from swarm.spans import BlockSpan
 from swarm.transport import ConnectionContext, Message
 from swarm.wire import dtype_name, is_int
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,8 @@ class RequestHandler:
 
 def _compute_and_reply(context: ConnectionContext, compute, *args):
     if context.peer_is_gone():
-        return  # nobody would read the reply
+        logger.info(f"Dropped a request from {context.peer}: its client has gone")
+        return
     with torch.inference_mode():
         reply = compute(*args)
     context.reply(*reply)
