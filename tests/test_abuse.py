@@ -81,9 +81,12 @@ def reply_to(address: str, data: bytes, then_close: bool = False) -> tuple[dict 
     """Sends raw bytes (then ends the connection's way out if `then_close`); returns (the error the server answers
     with, or None if it answered none, whether it then closed the connection)."""
     with raw_connection(address) as sock:
-        sock.sendall(data)
-        if then_close:
-            sock.shutdown(socket.SHUT_WR)
+        try:
+            sock.sendall(data)
+            if then_close:
+                sock.shutdown(socket.SHUT_WR)
+        except OSError:  # the server may answer and close before it has read everything
+            pass
         try:
             fields, _ = receive_message(sock, TransportLimits(frame_timeout=10))
         except (ConnectionError, OSError):
