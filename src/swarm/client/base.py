@@ -50,6 +50,7 @@ class SwarmModelMixin:
     def from_swarm(cls, path: Path, weights_path: Path, config, family: ModelFamily, remote: RemoteBlocks, dtype):
         """The client side of the model at `path`, its blocks served by `remote`'s swarm."""
         model = load_client_model(weights_path, config, family, remote, dtype, cls)
+        model.name_or_path = str(path)  # where its tokenizer and other files are, as for a local model
         if (path / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(path)
         return model

@@ -1,0 +1,61 @@
+"""`python -m swarm.api MODEL --initial-peers MADDR ... [--host 127.0.0.1] [--port 8000] [--api-key KEY]`
+
+Loads the client side of MODEL (a local checkpoint folder, or the name of a model published in the swarm), and
+serves the OpenAI-compatible API (`swarm.api.app`) with uvicorn. Logs `ready: API for MODEL at http://HOST:PORT/v1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import uvicorn
+from transformers import AutoTokenizer
+
+from swarm import AutoDistributedModel
+from swarm.api.app import create_app
+from swarm.errors import ConfigurationError, SwarmUnavailableError
+from swarm.logs import configure_logging
+
+logger = logging.getLogger("swarm.api")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m swarm.api", description="Serve a swarm's model over an OpenAI-compatible HTTP API.")
+    parser.add_argument("model", help="a local checkpoint folder, or the NAME of a model published in the swarm")
+    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="multiaddrs of DHT peers")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    parser.add_argument("--api-key", help="require this key as `Authorization: Bearer KEY`")
+    parser.add_argument("--model-name", help="the name clients ask for (default: the name the swarm serves it under)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="tokens generated when a request gives no max_tokens")
+    args = parser.parse_args(argv)
+    configure_logging()
+    try:
+        model = AutoDistributedModel.from_pretrained(args.model, initial_peers=args.initial_peers)
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    except (ConfigurationError, SwarmUnavailableError) as error:
+        logger.error(f"error: {error}")
+        return 2
+    name = args.model_name or model.remote.model_name
+    app = create_app(model, tokenizer, name, api_key=args.api_key, default_max_tokens=args.max_tokens)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    server = uvicorn.Server(config)
+    original_startup = server.startup
+
+    async def startup(*startup_args, **startup_kwargs):
+        await original_startup(*startup_args, **startup_kwargs)
+        port = server.servers[0].sockets[0].getsockname()[1] if server.servers else args.port
+        logger.info(f"ready: API for {name} at http://{args.host}:{port}/v1")
+
+    server.startup = startup
+    try:
+        server.run()
+    finally:
+        model.remote.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
