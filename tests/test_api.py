@@ -5,15 +5,20 @@ in OpenAI's format with the right status."""
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 
 import httpx
 import openai
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, T5ForConditionalGeneration, pipeline
 
+from swarm import AutoDistributedModel
 from swarm.launch import LocalSwarm, PeerProcess
+from swarm.transport import Connection
+from tests.test_t5 import make_tiny_t5
 
 KEY = "test-key"
 SYMBOLS = ["<unk>", "<pad>", "<eos>", *"abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?'<>:\n0123456789"]
@@ -21,19 +26,21 @@ TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfo
 
 
 def with_tokenizer(model_dir, directory):
-    """A copy of the tiny Llama with a character tokenizer (its 131 ids cover the symbols) and a chat template."""
-    shutil.copytree(model_dir, directory)
+    """A copy of the model at `model_dir` (or the model at `directory` itself) with a character tokenizer (the tiny
+    models' ids cover its symbols) and a chat template (none for a seq2seq model)."""
+    if model_dir is not None:
+        shutil.copytree(model_dir, directory)
     tokenizer = Tokenizer(models.WordLevel({symbol: index for index, symbol in enumerate(SYMBOLS)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
-    fast.chat_template = TEMPLATE
+    fast.chat_template = TEMPLATE if model_dir is not None else None
     fast.save_pretrained(directory)
     return directory
 
 
 @pytest.fixture(scope="module")
 def api(tiny_llama, tmp_path_factory):
-    """(base URL, model folder, tokenizer)."""
+    """(base URL, model folder, tokenizer, swarm)."""
     directory = with_tokenizer(tiny_llama, tmp_path_factory.mktemp("models") / "tiny-llama")
     logs = tmp_path_factory.mktemp("logs")
     with LocalSwarm(directory, ["0:2", "2:5"], log_dir=logs) as swarm:
@@ -41,7 +48,7 @@ def api(tiny_llama, tmp_path_factory):
         process = PeerProcess(args, name="api", log_path=logs / "api.log")
         try:
             url = process.wait_for(r"ready: API for \S+ at (http://\S+)", 120).group(1)
-            yield url, directory, PreTrainedTokenizerFast.from_pretrained(directory)
+            yield url, directory, PreTrainedTokenizerFast.from_pretrained(directory), swarm
         finally:
             process.stop()
 
@@ -105,3 +112,82 @@ def test_plain_http_completion(api, local_tiny_llama):
     body = {"model": "tiny-llama", "prompt": "xyz", "max_tokens": 5, "temperature": 0}
     reply = httpx.post(f"{api[0]}/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == local_answer(local_tiny_llama, api[2], "xyz", 5)
+
+
+def open_sessions(swarm) -> int:
+    total = 0
+    for server in swarm.servers:
+        connection = Connection(server.address, timeout=10)
+        try:
+            total += connection.request({"method": "info"})[0]["sessions"]
+        finally:
+            connection.close()
+    return total
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_session(api):
+    stream = client(api).completions.create(model="tiny-llama", prompt="go on", max_tokens=900, temperature=0, stream=True)
+    for _, chunk in zip(range(3), stream):
+        assert chunk.choices[0].text is not None
+    assert open_sessions(api[3]) == 2  # one per server of the route, while the answer streams
+    stream.close()
+    deadline = time.monotonic() + 20
+    while open_sessions(api[3]):
+        assert time.monotonic() < deadline, "the servers still hold the session of a client that left"
+        time.sleep(0.2)
+
+
+def test_eight_clients_at_once_each_get_their_own_answer(api, local_tiny_llama):
+    prompts = [f"prompt number {index}" for index in range(8)]
+    answers = {}
+
+    def ask(prompt: str):
+        answers[prompt] = client(api).completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(prompt,)) for prompt in prompts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert answers == {prompt: local_answer(local_tiny_llama, api[2], prompt, 8) for prompt in prompts}
+
+
+def test_text_generation_pipeline_matches_the_local_model(api, local_tiny_llama):
+    model = AutoDistributedModel.from_pretrained(api[1], initial_peers=api[3].initial_peers)
+    try:
+        settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=1)
+        remote = pipeline("text-generation", model=model, tokenizer=api[2])("hello", **settings)
+        expected = pipeline("text-generation", model=local_tiny_llama, tokenizer=api[2])("hello", **settings)
+        assert remote == expected
+    finally:
+        model.remote.shutdown()
+
+
+@pytest.fixture(scope="module")
+def t5_api(tmp_path_factory):
+    """(base URL, model folder, tokenizer, local model, swarm) of a tiny T5 on two servers."""
+    # as deep a decoder as its encoder: transformers sizes the local model's default cache by the encoder's depth
+    directory = make_tiny_t5(tmp_path_factory.mktemp("models") / "tiny-t5", num_decoder_layers=3)
+    with_tokenizer(None, directory)
+    logs = tmp_path_factory.mktemp("logs")
+    with LocalSwarm(directory, ["0:4", "4:6"], log_dir=logs) as swarm:
+        args = ["-m", "swarm.api", str(directory), "--initial-peers", *swarm.initial_peers, "--port", "0"]
+        process = PeerProcess(args, name="api", log_path=logs / "api.log")
+        try:
+            url = process.wait_for(r"ready: API for \S+ at (http://\S+)", 120).group(1)
+            local = T5ForConditionalGeneration.from_pretrained(directory).eval()
+            yield url, directory, PreTrainedTokenizerFast.from_pretrained(directory), local, swarm
+        finally:
+            process.stop()
+
+
+def test_seq2seq_completions_match_the_local_model(t5_api):
+    """(transformers 5 has no text2text-generation pipeline any more.)"""
+    url, directory, tokenizer, local, swarm = t5_api
+    input_ids = tokenizer("translate this", return_tensors="pt", add_special_tokens=False).input_ids
+    output = local.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=7, do_sample=False, pad_token_id=1)
+    expected = tokenizer.decode(output[0, 1:], skip_special_tokens=True)
+    completion = openai.OpenAI(base_url=url, api_key="none", max_retries=0).completions.create(model="tiny-t5", prompt="translate this", max_tokens=7, temperature=0)
+    assert completion.choices[0].text == expected
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        openai.OpenAI(base_url=url, api_key="none", max_retries=0).chat.completions.create(model="tiny-t5", messages=[{"role": "user", "content": "hi"}])

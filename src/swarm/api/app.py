@@ -133,6 +133,10 @@ def create_app(model, tokenizer, name: str, api_key: str | None = None, default_
         except SwarmUnavailableError as error:
             raise APIError(503, str(error), kind="service_unavailable", code="swarm_unavailable") from None
 
+    def new_tokens(output: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The generated tokens: after the prompt for a causal LM, after the decoder's start for a seq2seq model."""
+        return output[0, 1:] if model.config.is_encoder_decoder else output[0, input_ids.shape[1] :]
+
     def finish_reason(tokens: torch.Tensor, settings: dict) -> str:
         return "length" if tokens.shape[0] >= settings["max_new_tokens"] else "stop"
 
@@ -145,7 +149,7 @@ def create_app(model, tokenizer, name: str, api_key: str | None = None, default_
         for index in range(parameters.n):
             settings = generation_settings(parameters, threading.Event())
             seed = None if parameters.seed is None else parameters.seed + index
-            tokens = generate(input_ids, settings, seed)[0, input_ids.shape[1] :]
+            tokens = new_tokens(generate(input_ids, settings, seed), input_ids)
             generated += tokens.shape[0]
             answer = tokenizer.decode(tokens, skip_special_tokens=True)
             reason = finish_reason(tokens, settings)
@@ -166,7 +170,7 @@ def create_app(model, tokenizer, name: str, api_key: str | None = None, default_
 
             def run():
                 try:
-                    result["tokens"] = generate(input_ids, settings, seed, streamer)[0, input_ids.shape[1] :]
+                    result["tokens"] = new_tokens(generate(input_ids, settings, seed, streamer), input_ids)
                 except Exception as error:
                     result["error"] = error
                     streamer.end()
@@ -206,6 +210,8 @@ def create_app(model, tokenizer, name: str, api_key: str | None = None, default_
     @app.post("/v1/chat/completions")
     def chat_completions(request: ChatRequest):
         messages = [message.model_dump() for message in request.messages]
+        if model.config.is_encoder_decoder or tokenizer.chat_template is None:
+            raise APIError(400, f"{name} has no chat template: use /v1/completions", param="messages", code="chat_not_supported")
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as error:

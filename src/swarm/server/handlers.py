@@ -2,7 +2,7 @@
 
 Requests are `{"method": ..., ...fields}` plus named tensors (see `swarm.wire`):
 
-    info                                    -> model, span, dtype, version
+    info                                    -> model, span, dtype, version, open sessions, limits
     forward  start, end         + tensors   -> tensors        (no cache)
     open     start, end, max_length         -> session_id
     step     session_id [phases] + tensors  -> tensors, length  (phases: for a round-trip model, the ones
@@ -75,7 +75,7 @@ class RequestHandler:
         span = self.loaded.span
         info = {"model": self.model_name, "start": span.start, "end": span.end, "version": self.version}
         limits = {"max_request_tokens": self.limits.max_request_tokens, "max_batch_size": self.limits.max_batch_size}
-        return {**info, "dtype": dtype_name(self.loaded.dtype), **limits}, {}
+        return {**info, "dtype": dtype_name(self.loaded.dtype), "sessions": len(self.sessions), **limits}, {}
 
     def rpc_echo(self, fields, tensors, context) -> Message:
         return {}, tensors
