@@ -1,4 +1,5 @@
 # make demo     a chat answer from SmolLM2 running on a swarm of three local servers (python -m swarm.demo)
+# make serve    the same swarm behind the OpenAI-compatible API, until Ctrl-C (python -m swarm.serve)
 # make test     the test suite
 # make install  what both run first: .venv with torch, then swarm in editable mode with its dev extras
 #
@@ -17,10 +18,13 @@ INSTALLED := $(VENV)/.swarm-installed
 # third_party/wheels: wheels of three pure-Python dependencies of hivemind that PyPI has only as sources
 PIP_INSTALL := $(PYTHON) -m pip install -q --only-binary :all: --find-links third_party/wheels
 
-.PHONY: demo test install
+.PHONY: demo serve test install
 
 demo: install
 	$(PYTHON) -m swarm.demo
+
+serve: install
+	$(PYTHON) -m swarm.serve
 
 test: install
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)

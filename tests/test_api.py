@@ -5,6 +5,7 @@ in OpenAI's format with the right status."""
 from __future__ import annotations
 
 import shutil
+import signal
 import threading
 import time
 
@@ -191,3 +192,19 @@ def test_seq2seq_completions_match_the_local_model(t5_api):
     assert completion.choices[0].text == expected
     with pytest.raises(openai.BadRequestError, match="no chat template"):
         openai.OpenAI(base_url=url, api_key="none", max_retries=0).chat.completions.create(model="tiny-t5", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_swarm_serve_answers_through_the_api_and_stops_everything(tmp_path):
+    """`make serve`: SmolLM2 on three local servers behind the API; SIGTERM stops the servers too."""
+    process = PeerProcess(["-m", "swarm.serve", "--port", "0"], name="serve", log_path=tmp_path / "serve.log")
+    try:
+        url = process.wait_for(r"ready: API for \S+ at (http://\S+)", 240).group(1)
+        name = openai.OpenAI(base_url=url, api_key="none").models.list().data[0].id
+        answer = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120).chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8, temperature=0
+        )
+        assert "Paris" in answer.choices[0].message.content
+        process.signal(signal.SIGTERM)
+        assert process.process.wait(60) is not None
+    finally:
+        process.stop()

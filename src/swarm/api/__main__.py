@@ -1,7 +1,7 @@
 """`python -m swarm.api MODEL --initial-peers MADDR ... [--host 127.0.0.1] [--port 8000] [--api-key KEY]`
 
 Loads the client side of MODEL (a local checkpoint folder, or the name of a model published in the swarm), and
-serves the OpenAI-compatible API (`swarm.api.app`) with uvicorn. Logs `ready: API for MODEL at http://HOST:PORT/v1`.
+serves the OpenAI-compatible API (`swarm.api.app`) with uvicorn. Logs `ready: API for NAME at http://HOST:PORT/v1`.
 """
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ import argparse
 import logging
 import sys
 
-import uvicorn
 from transformers import AutoTokenizer
 
 from swarm import AutoDistributedModel
-from swarm.api.app import create_app
+from swarm.api import serve
 from swarm.errors import ConfigurationError, SwarmUnavailableError
 from swarm.logs import configure_logging
 
@@ -39,19 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.error(f"error: {error}")
         return 2
     name = args.model_name or model.remote.model_name
-    app = create_app(model, tokenizer, name, api_key=args.api_key, default_max_tokens=args.max_tokens)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
-    server = uvicorn.Server(config)
-    original_startup = server.startup
-
-    async def startup(*startup_args, **startup_kwargs):
-        await original_startup(*startup_args, **startup_kwargs)
-        port = server.servers[0].sockets[0].getsockname()[1] if server.servers else args.port
-        logger.info(f"ready: API for {name} at http://{args.host}:{port}/v1")
-
-    server.startup = startup
     try:
-        server.run()
+        serve(model, tokenizer, name, args.host, args.port, api_key=args.api_key, default_max_tokens=args.max_tokens)
     finally:
         model.remote.shutdown()
     return 0
