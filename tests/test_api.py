@@ -172,7 +172,7 @@ def t5_api(tmp_path_factory):
     with_tokenizer(None, directory)
     logs = tmp_path_factory.mktemp("logs")
     with LocalSwarm(directory, ["0:4", "4:6"], log_dir=logs) as swarm:
-        args = ["-m", "swarm.api", str(directory), "--initial-peers", *swarm.initial_peers, "--port", "0"]
+        args = ["-m", "swarm.api", str(directory), "--initial-peers", *swarm.initial_peers, "--port", "0", "--coverage-timeout", "3"]
         process = PeerProcess(args, name="api", log_path=logs / "api.log")
         try:
             url = process.wait_for(r"ready: API for \S+ at (http://\S+)", 120).group(1)
@@ -192,6 +192,17 @@ def test_seq2seq_completions_match_the_local_model(t5_api):
     assert completion.choices[0].text == expected
     with pytest.raises(openai.BadRequestError, match="no chat template"):
         openai.OpenAI(base_url=url, api_key="none", max_retries=0).chat.completions.create(model="tiny-t5", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_no_servers_for_the_model_is_a_503_naming_the_blocks(t5_api):
+    """The API waits --coverage-timeout (3 s here) for other servers, then answers 503 naming the blocks (the
+    encoder's: the first request a generation makes)."""
+    url, _, _, _, swarm = t5_api
+    for server in swarm.servers:
+        server.stop()
+    with pytest.raises(openai.InternalServerError, match=r"blocks \[0, 3\) of model 'tiny-t5'") as error:
+        openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60).completions.create(model="tiny-t5", prompt="hi", max_tokens=2)
+    assert error.value.status_code == 503
 
 
 def test_swarm_serve_answers_through_the_api_and_stops_everything(tmp_path):

@@ -14,6 +14,8 @@ from transformers import AutoTokenizer
 
 from swarm import AutoDistributedModel
 from swarm.api import serve
+from swarm.client.config import ClientConfig
+from swarm.client.retry import RetryPolicy
 from swarm.errors import ConfigurationError, SwarmUnavailableError
 from swarm.logs import configure_logging
 
@@ -29,10 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", help="require this key as `Authorization: Bearer KEY`")
     parser.add_argument("--model-name", help="the name clients ask for (default: the name the swarm serves it under)")
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens generated when a request gives no max_tokens")
+    parser.add_argument(
+        "--coverage-timeout",
+        type=float,
+        default=ClientConfig.coverage_timeout,
+        help="seconds a request waits for servers (to cover every block, or to replace a failed one) before it is "
+        "answered 503",
+    )
     args = parser.parse_args(argv)
     configure_logging()
     try:
-        model = AutoDistributedModel.from_pretrained(args.model, initial_peers=args.initial_peers)
+        retry = RetryPolicy(total_timeout=args.coverage_timeout)
+        config = ClientConfig(initial_peers=args.initial_peers, coverage_timeout=args.coverage_timeout, retry=retry)
+        model = AutoDistributedModel.from_pretrained(args.model, client_config=config)
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
     except (ConfigurationError, SwarmUnavailableError) as error:
         logger.error(f"error: {error}")
