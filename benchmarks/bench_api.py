@@ -18,8 +18,8 @@ import threading
 import time
 
 import openai
+from timing import TokenClock
 from transformers import AutoTokenizer
-from transformers.generation.streamers import BaseStreamer
 
 from swarm import AutoDistributedModel
 from swarm.launch import LocalSwarm, PeerProcess
@@ -28,27 +28,12 @@ from swarm.smollm2 import smollm2_checkpoint
 PROMPT = "Write a short story about a lighthouse keeper."
 
 
-class Clock(BaseStreamer):
-    """The time of every new token (the prompt's put excluded)."""
-
-    def __init__(self):
-        self.times, self.prompt_seen = [], False
-
-    def put(self, value):
-        if self.prompt_seen:
-            self.times.append(time.perf_counter())
-        self.prompt_seen = True
-
-    def end(self):
-        pass
-
-
 def direct(model, tokenizer, new_tokens: int) -> tuple[float, float]:
     chat = [{"role": "user", "content": PROMPT}]
     input_ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    clock, started = Clock(), time.perf_counter()
+    clock = TokenClock()
     model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock)
-    return clock.times[0] - started, new_tokens / (clock.times[-1] - started)
+    return clock.token_times[0] - clock.started, new_tokens / (clock.token_times[-1] - clock.started)
 
 
 def through_api(url: str, name: str, new_tokens: int) -> tuple[float, float, int]:

@@ -30,6 +30,7 @@ import threading
 import time
 
 import torch
+from timing import percentile
 from transformers import AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
@@ -122,13 +123,13 @@ def churn_run(seconds: float, period: float):
         finally:
             model.remote.shutdown()
     stalls = sorted(gap - median_gap for gap in gaps if gap > 2 * median_gap)
-    quantile = lambda q: stalls[min(len(stalls) - 1, int(q * len(stalls)))] if stalls else 0.0  # noqa: E731
     print(f"\nChurn: {len(kills)} servers killed and restarted in {seconds:.0f} s (one every {period:.0f} s)")
     print(f"{'generations of ' + str(new_tokens) + ' tokens':<40} {len(results):>9}   identical to undisturbed: {sum(results)}")
     print(f"{'failed generations':<40} {sum(failures.values()):>9}   {failures or ''}")
     print(f"{'median gap between tokens':<40} {median_gap * 1000:>9.1f} ms")
     print(f"{'stalls (gaps over twice the median)':<40} {len(stalls):>9}")
-    for name, value in [("p50", quantile(0.5)), ("p90", quantile(0.9)), ("max", stalls[-1] if stalls else 0.0)]:
+    for name, value in [("p50", percentile(stalls, 50) if stalls else 0.0), ("p90", percentile(stalls, 90) if stalls else 0.0),
+                        ("max", stalls[-1] if stalls else 0.0)]:  # fmt: skip
         print(f"{'  stall ' + name:<40} {value * 1000:>9.1f} ms")
 
 

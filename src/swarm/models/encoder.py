@@ -21,16 +21,14 @@ anything else from the model's forward (relative position biases, rotary embeddi
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
-from swarm.errors import UnsupportedModelError
 from swarm.models.base import LAYER_OUTPUT, ClientStack, LoadedSpan, ModelFamily, Tensors
 from swarm.models.checks import check_hidden_states, check_mask, check_names, check_output_layers, require
 from swarm.models.encoder_layout import EncoderLayout, ReadsOutputs, build_model, read_encoder_layout
+from swarm.models.layout import tensors_under
 from swarm.models.state import SequenceState
 from swarm.spans import BlockSpan
 
@@ -55,21 +53,8 @@ class EncoderFamily(ModelFamily):
         return self.layout(config).count
 
     def block_tensor_names(self, config, index: int, checkpoint_names) -> dict[str, str]:
-        layout, checkpoint_names = self.layout(config), list(checkpoint_names)
-        converted = sorted(
-            {name for name in checkpoint_names for pattern in layout.converted if re.search(pattern, name)}
-        )
-        if converted:
-            raise UnsupportedModelError(
-                config.model_type,
-                f"transformers rewrites its checkpoint's {converted[:3]} while loading, which swarm does not",
-            )
-        prefix = f"{layout.layers}.{index}."
-        return {
-            name: renamed[len(prefix) :]
-            for name in checkpoint_names
-            if (renamed := layout.rename(name)).startswith(prefix)
-        }
+        layout = self.layout(config)
+        return tensors_under(config.model_type, f"{layout.layers}.{index}.", checkpoint_names, layout.rename, layout.converted)
 
     def build_blocks(self, config, span: BlockSpan) -> list[nn.Module]:
         layers = build_model(config).get_submodule(self.layout(config).layers)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -96,6 +97,19 @@ def converted_patterns(model: nn.Module) -> tuple[str, ...]:
     class (fused experts, a fused SwiGLU projection split in two, ...)."""
     rules = [rule for rule in get_model_conversion_mapping(model) if isinstance(rule, WeightConverter)]
     return tuple(pattern for rule in rules for pattern in rule.source_patterns)
+
+
+def tensors_under(
+    model_type: str | None, prefix: str, checkpoint_names, rename: Callable[[str], str], converted: tuple[str, ...]
+) -> dict[str, str]:
+    """Checkpoint name -> name below `prefix` (a block's path plus a dot), for the tensors of the module at `prefix`
+    once transformers' renaming rules apply; `UnsupportedModelError` if transformers would rewrite (`converted`) any
+    tensor of the checkpoint while loading it, which swarm does not."""
+    checkpoint_names = list(checkpoint_names)
+    rewritten = sorted({name for name in checkpoint_names for pattern in converted if re.search(pattern, name)})
+    if rewritten:
+        raise UnsupportedModelError(model_type, f"transformers rewrites its checkpoint's {rewritten[:3]} while loading, which swarm does not")
+    return {name: renamed[len(prefix) :] for name in checkpoint_names if (renamed := rename(name)).startswith(prefix)}
 
 
 def loading_renamer(model: nn.Module) -> Callable[[str], str]:

@@ -14,7 +14,6 @@ every server of the encoder loads.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,7 +26,7 @@ from swarm.errors import UnsupportedModelError
 from swarm.models.base import ClientStack, LoadedSpan
 from swarm.models.encoder_decoder import DECODER, ENCODER, KEPT, DecoderStep, EncoderDecoderFamily, Keep
 from swarm.models.encoder_layout import build_model
-from swarm.models.layout import converted_patterns, loading_renamer
+from swarm.models.layout import converted_patterns, loading_renamer, tensors_under
 from swarm.spans import BlockSpan
 
 
@@ -145,24 +144,10 @@ class Seq2SeqFamily(EncoderDecoderFamily):
         return self.encoder_mask
 
     def block_tensor_names(self, config, index: int, checkpoint_names) -> dict[str, str]:
-        layout, checkpoint_names = self.layout(config), list(checkpoint_names)
-        self._refuse_converted(config, checkpoint_names)
+        layout = self.layout(config)
         stack, position = self.stack_of(config, index)
         prefix = f"{layout.stacks[stack]}.{position}."
-        return {
-            name: renamed[len(prefix) :]
-            for name in checkpoint_names
-            if (renamed := layout.rename(name)).startswith(prefix)
-        }
-
-    def _refuse_converted(self, config, checkpoint_names: list[str]):
-        converted = sorted(
-            {name for name in checkpoint_names for pattern in self.layout(config).converted if re.search(pattern, name)}
-        )
-        if converted:
-            raise UnsupportedModelError(
-                config.model_type, f"transformers rewrites its checkpoint's {converted[:3]} while loading, which swarm does not"
-            )
+        return tensors_under(config.model_type, prefix, checkpoint_names, layout.rename, layout.converted)
 
     def build_blocks(self, config, span: BlockSpan) -> list[nn.Module]:
         model, layout = build_model(config), self.layout(config)
