@@ -194,6 +194,24 @@ def test_seq2seq_completions_match_the_local_model(t5_api):
         openai.OpenAI(base_url=url, api_key="none", max_retries=0).chat.completions.create(model="tiny-t5", messages=[{"role": "user", "content": "hi"}])
 
 
+def test_text2text_generation_pipeline_matches_the_local_model(t5_api):
+    """transformers 5 removed the task; swarm's client registers it again (`swarm.pipelines`)."""
+    url, directory, tokenizer, local, swarm = t5_api
+    model = AutoDistributedModel.from_pretrained(directory, initial_peers=swarm.initial_peers)
+    try:
+        settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=1)
+        remote = pipeline("text2text-generation", model=model, tokenizer=tokenizer)
+        expected = pipeline("text2text-generation", model=local, tokenizer=tokenizer)
+        assert remote("translate this", **settings) == expected("translate this", **settings)
+        texts = ["abc", "a longer input text"]
+        answers = remote(texts, **settings)
+        assert answers == expected(texts, **settings) and len(answers) == 2 and set(answers[0]) == {"generated_text"}
+        beams = remote("abc", num_beams=3, num_return_sequences=2, max_new_tokens=4, pad_token_id=1)
+        assert beams == expected("abc", num_beams=3, num_return_sequences=2, max_new_tokens=4, pad_token_id=1) and len(beams) == 2
+    finally:
+        model.remote.shutdown()
+
+
 def test_no_servers_for_the_model_is_a_503_naming_the_blocks(t5_api):
     """The API waits --coverage-timeout (3 s here) for other servers, then answers 503 naming the blocks (the
     encoder's: the first request a generation makes)."""
@@ -219,3 +237,4 @@ def test_swarm_serve_answers_through_the_api_and_stops_everything(tmp_path):
         assert process.process.wait(60) is not None
     finally:
         process.stop()
+

@@ -13,6 +13,7 @@ from swarm.client.diffusion import DistributedUNet2DConditionModel
 from swarm.client.encoder import DistributedEncoderModel
 from swarm.client.seq2seq_lm import DistributedModelForSeq2SeqLM
 from swarm.client.text_to_speech import DistributedModelForTextToSpeech
+from swarm.pipelines import register_text2text_generation
 
 # `ModelFamily.client_kind` -> the class that drives the model on the client (its `from_swarm` builds it)
 CLIENT_KINDS = {
@@ -22,6 +23,8 @@ CLIENT_KINDS = {
     "encoder": DistributedEncoderModel,
     "text_to_speech": DistributedModelForTextToSpeech,
 }
+
+register_text2text_generation()  # transformers 5 removed the task that seq2seq models (T5) answer in
 
 
 class AutoDistributedModel:
