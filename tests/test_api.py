@@ -115,6 +115,18 @@ def test_plain_http_completion(api, local_tiny_llama):
     assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == local_answer(local_tiny_llama, api[2], "xyz", 5)
 
 
+
+def test_the_swarm_map_lists_the_servers_coverage_and_last_route(api):
+    client(api).completions.create(model="tiny-llama", prompt="map", max_tokens=2, temperature=0)
+    assert httpx.get(f"{api[0]}/swarm").status_code == 401
+    answer = httpx.get(f"{api[0]}/swarm", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+    assert (answer["name"], answer["num_blocks"], answer["chat"], answer["coverage"], answer["uncovered"]) == ("tiny-llama", 5, True, [1] * 5, [])
+    assert sorted((s["start"], s["end"], s["address"], s["state"]) for s in answer["servers"]) == [
+        (0, 2, api[3].servers[0].address, "online"), (2, 5, api[3].servers[1].address, "online")]  # fmt: skip
+    assert all(s["throughput"] > 0 and s["ping_ms"] > 0 and s["sessions"] == 0 for s in answer["servers"])
+    assert [(hop["start"], hop["end"], hop["address"]) for hop in answer["route"]] == [
+        (0, 2, api[3].servers[0].address), (2, 5, api[3].servers[1].address)]  # fmt: skip
+
 def open_sessions(swarm) -> int:
     total = 0
     for server in swarm.servers:
@@ -228,6 +240,8 @@ def test_swarm_serve_answers_through_the_api_and_stops_everything(tmp_path):
     process = PeerProcess(["-m", "swarm.serve", "--port", "0"], name="serve", log_path=tmp_path / "serve.log")
     try:
         url = process.wait_for(r"ready: API for \S+ at (http://\S+)", 240).group(1)
+        page = process.wait_for(r"Chat and live swarm map: (http://\S+)", 10).group(1)
+        assert page == url.removesuffix("v1") and "<title>swarm</title>" in httpx.get(page).text
         name = openai.OpenAI(base_url=url, api_key="none").models.list().data[0].id
         answer = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120).chat.completions.create(
             model=name, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8, temperature=0

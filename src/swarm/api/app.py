@@ -3,6 +3,8 @@
     GET  /v1/models              the one model served
     POST /v1/completions         {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream"}
     POST /v1/chat/completions    {"model", "messages", ...}: the messages rendered with the tokenizer's chat template
+    GET  /v1/swarm               the live map of the swarm (see `swarm.api.swarm_map`)
+    GET  /                       a web page: a chat with streamed answers beside the live map (files in `static/`)
 
 Each request generates in an inference session of its own (`model.generate`), in a worker thread, so requests run
 side by side. With `"stream": true` the answer comes as server-sent events, one per piece of text, then `[DONE]`;
@@ -20,18 +22,24 @@ import logging
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from swarm.api.swarm_map import swarm_map
 from swarm.errors import SwarmUnavailableError
 
 logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+MAP_MAX_AGE = 1.0  # seconds a look at the swarm is shared between the pages that ask for it
 
 
 class CompletionParameters(BaseModel):
@@ -82,7 +90,11 @@ def error_response(error: APIError) -> JSONResponse:
 def create_app(model, tokenizer, name: str, api_key: str | None = None, default_max_tokens: int = 256) -> FastAPI:
     """The API over `model` (a distributed causal LM) with `tokenizer`, serving it as `name`."""
     app = FastAPI(title="swarm", docs_url=None, redoc_url=None)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     max_positions = getattr(model.config, "max_position_embeddings", None)
+    chat_supported = not model.config.is_encoder_decoder and tokenizer.chat_template is not None
+    last_map: dict[str, Any] = {"at": -float("inf"), "value": None}
+    map_lock = asyncio.Lock()
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
@@ -101,9 +113,21 @@ def create_app(model, tokenizer, name: str, api_key: str | None = None, default_
                 return error_response(APIError(401, "missing or wrong API key", kind="authentication_error", code="invalid_api_key"))
         return await call_next(request)
 
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "swarm"}]}
+
+    @app.get("/v1/swarm")
+    async def swarm():
+        async with map_lock:
+            if time.monotonic() - last_map["at"] > MAP_MAX_AGE:
+                last_map["value"] = await asyncio.to_thread(swarm_map, model.remote)
+                last_map["at"] = time.monotonic()
+        return {**last_map["value"], "name": name, "chat": chat_supported}
 
     def prompt_ids(parameters: CompletionParameters, text: str) -> torch.Tensor:
         if parameters.model != name:
@@ -210,7 +234,7 @@ def create_app(model, tokenizer, name: str, api_key: str | None = None, default_
     @app.post("/v1/chat/completions")
     def chat_completions(request: ChatRequest):
         messages = [message.model_dump() for message in request.messages]
-        if model.config.is_encoder_decoder or tokenizer.chat_template is None:
+        if not chat_supported:
             raise APIError(400, f"{name} has no chat template: use /v1/completions", param="messages", code="chat_not_supported")
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

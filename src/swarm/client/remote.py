@@ -68,6 +68,7 @@ class RemoteBlocks:
         self._lock = threading.Lock()
         self._records_time = -math.inf
         self.records_by_block: list[list[ServerRecord]] = []
+        self.last_route: list[Hop] = []  # the hops of the inference session that closed last
         self.verifier = Verifier(config.verify) if config.verify is not None else None
         self.wait_for_coverage(self.span)
 

@@ -317,6 +317,8 @@ class InferenceSession:
         if self.closed:
             return
         self.closed = True
+        if self._server_sessions:
+            self.remote.last_route = self.route
         for server_session in self._server_sessions:
             server_session.close()
 
