@@ -175,6 +175,11 @@ class LocalSwarm:
         self.initial_peers: list[str] = list(initial_peers or [])  # given: join that DHT, start no bootstrap peer
 
     def __enter__(self) -> "LocalSwarm":
+        return self.start()
+
+    def start(self) -> "LocalSwarm":
+        """Starts the peers and waits until every server is ready (what `with` does; for notebooks, which call
+        `stop()` themselves)."""
         try:
             if not self.initial_peers:
                 self.bootstrap, self.initial_peers = start_bootstrap(log_path=self._log_path("bootstrap"))
