@@ -31,7 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from swarm.api.swarm_map import swarm_map
 from swarm.errors import SwarmUnavailableError
@@ -80,6 +80,21 @@ class Cancelled(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+
+
+class QueueStreamer(TextStreamer):
+    """Hands each finished piece of the answer's text to an asyncio queue of the event loop, from the thread that
+    generates; None marks the end."""
+
+    def __init__(self, tokenizer, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.loop, self.queue = loop, queue
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        if text:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, text)
+        if stream_end:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -188,7 +203,8 @@ def create_app(model, tokenizer, name: str, api_key: str | None = None, default_
         for index in range(parameters.n):
             cancelled = threading.Event()
             settings = generation_settings(parameters, cancelled)
-            streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None)
+            pieces: asyncio.Queue = asyncio.Queue()
+            streamer = QueueStreamer(tokenizer, asyncio.get_running_loop(), pieces)
             seed = None if parameters.seed is None else parameters.seed + index
             result: dict[str, Any] = {}
 
@@ -205,15 +221,10 @@ def create_app(model, tokenizer, name: str, api_key: str | None = None, default_
                 if chat:
                     yield sse({"id": completion_id, "object": kind, "created": created, "model": name,
                                "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})  # fmt: skip
-                iterator = iter(streamer)
-                while True:
-                    piece = await asyncio.to_thread(next, iterator, None)
-                    if piece is None:
-                        break
-                    if piece:
-                        delta = {"delta": {"content": piece}} if chat else {"text": piece, "logprobs": None}
-                        yield sse({"id": completion_id, "object": kind, "created": created, "model": name,
-                                   "choices": [{"index": index, **delta, "finish_reason": None}]})  # fmt: skip
+                while (piece := await pieces.get()) is not None:
+                    delta = {"delta": {"content": piece}} if chat else {"text": piece, "logprobs": None}
+                    yield sse({"id": completion_id, "object": kind, "created": created, "model": name,
+                               "choices": [{"index": index, **delta, "finish_reason": None}]})  # fmt: skip
                 await asyncio.to_thread(worker.join)
                 if "error" in result:
                     error = result["error"]
