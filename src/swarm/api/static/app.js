@@ -33,7 +33,7 @@ async function refreshMap() {
     const reply = await fetch("/v1/swarm", { headers: headers() });
     if (reply.status === 401) {
       $("#key-form").hidden = false;
-      throw new Error("this API needs a key: enter it above");
+      throw new Error("this API needs a key: enter it beside the chat");
     }
     if (!reply.ok) throw new Error(await errorMessage(reply));
     renderMap(await reply.json());
@@ -68,7 +68,7 @@ function renderMap(map) {
     const spanCell = element("td");
     spanCell.append(bar);
     row.append(
-      element("td", { title: server.peer_id }, shortId(server.peer_id)),
+      element("td", { class: "peer" }, server.peer_id),
       element("td", { class: "address" }, server.address),
       element("td", {}, `${server.start}:${server.end}`),
       spanCell,
