@@ -30,8 +30,8 @@ import argparse
 import gc
 import json
 import logging
-import signal
 import shutil
+import signal
 import socket
 import statistics
 import struct

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -152,9 +153,30 @@ def start_server(
     return server
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that nothing listens on now (another process may still take it before the caller does)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def start_delay_proxy(target: str, *proxy_args: str, timeout: float = 30.0, **kwargs) -> PeerProcess:
+    """Starts `python -m swarm.delay_proxy` on 127.0.0.1 in front of `target` (with `proxy_args`, e.g.
+    `--delay-ms 50`) and waits until it listens; its `address` is the one to dial."""
+    proxy = PeerProcess(["-m", "swarm.delay_proxy", "--target", target, *proxy_args], name=f"proxy to {target}", **kwargs)
+    try:
+        proxy.wait_ready(timeout)
+    except BaseException:
+        proxy.stop()
+        raise
+    return proxy
+
+
 class LocalSwarm:
     """A bootstrap peer (unless it joins `initial_peers`) plus one server per span, all on 127.0.0.1; stops them
-    all on exit."""
+    all on exit. With `proxy_args`, each server sits behind a delay proxy of its own (`swarm.delay_proxy`, started
+    with those arguments) and announces the proxy's address, so that every connection to it goes through the
+    proxy."""
 
     def __init__(
         self,
@@ -164,8 +186,11 @@ class LocalSwarm:
         log_dir: str | Path | None = None,
         ready_timeout: float = 180.0,
         initial_peers: list[str] | None = None,
+        proxy_args: tuple[str, ...] | None = None,
     ):
         self.model = model
+        self.proxy_args = proxy_args
+        self.proxies: list[PeerProcess] = []
         self.ready_timeout = ready_timeout
         self.spans = spans
         self.server_args = server_args
@@ -193,8 +218,13 @@ class LocalSwarm:
 
     def launch_server(self, span: str | None, *extra_args: str) -> PeerProcess:
         """Starts one more server without waiting for it to be ready."""
-        log_path = self._log_path(f"server-{(span or 'all').replace(':', '-')}-{len(self.servers)}")
-        server = launch_server(self.model, span, self.initial_peers, *self.server_args, *extra_args, log_path=log_path)
+        name = f"{(span or 'all').replace(':', '-')}-{len(self.servers)}"
+        if self.proxy_args is not None:
+            port = free_port()
+            proxy = start_delay_proxy(f"127.0.0.1:{port}", *self.proxy_args, log_path=self._log_path(f"proxy-{name}"))
+            self.proxies.append(proxy)
+            extra_args = ("--transport-port", str(port), "--announce-port", proxy.address.rpartition(":")[2], *extra_args)
+        server = launch_server(self.model, span, self.initial_peers, *self.server_args, *extra_args, log_path=self._log_path(f"server-{name}"))
         self.servers.append(server)
         return server
 
@@ -214,7 +244,7 @@ class LocalSwarm:
         """Stops the servers (all at once), then the bootstrap peer, which their last announcements go through."""
         for server in self.servers:
             server.signal(signal.SIGTERM)
-        for peer in [*self.servers, self.bootstrap]:
+        for peer in [*self.servers, self.bootstrap, *self.proxies]:
             if peer is not None:
                 peer.stop()
 

@@ -284,13 +284,14 @@ class Connection:
     """A client's connection to one server; `request` sends one message and waits for the reply, which must
     arrive whole within the request's timeout and within `limits.max_message_bytes`."""
 
-    def __init__(self, address: str, timeout: float, limits: TransportLimits | None = None):
+    def __init__(self, address: str, timeout: float, limits: TransportLimits | None = None, source_host: str | None = None):
         self.address = address
         self.timeout = timeout
         self.limits = limits or TransportLimits()
         host, _, port = address.rpartition(":")
         try:
-            self._sock = socket.create_connection((host, int(port)), timeout=timeout)
+            source = (source_host, 0) if source_host else None
+            self._sock = socket.create_connection((host, int(port)), timeout=timeout, source_address=source)
         except socket.timeout:
             raise PeerTimeoutError(f"connecting to {address} timed out after {timeout} s") from None
         except (OSError, ValueError) as error:

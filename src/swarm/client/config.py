@@ -14,6 +14,7 @@ class ClientConfig:
     model_name: str | None = None  # name the servers announce; default: repo id or directory name
     coverage_timeout: float = 60.0  # seconds to wait for servers to cover every block before giving up
     connect_timeout: float = 5.0  # seconds to open a connection to a server
+    source_host: str | None = None  # local address connections to servers leave from (None: the system's choice)
     step_timeout: float = 30.0  # seconds a server may take per 256 tokens of a request before it counts as hung
     ping_timeout: float = 2.0  # seconds to wait for a ping while measuring latencies
     latency_smoothing: float = 0.3  # weight of a new ping in the moving average of a server's latency

@@ -175,7 +175,7 @@ class RemoteBlocks:
     def open_connection(self, server: ServerRecord) -> Connection:
         """A new connection to `server`, which has proven it is the peer that signed its record (and holds the
         swarm key of a private swarm): see `swarm.handshake`."""
-        connection = Connection(server.address, self.config.connect_timeout, self.transport_limits)
+        connection = Connection(server.address, self.config.connect_timeout, self.transport_limits, self.config.source_host)
         try:
             request = hello_request(self.config.swarm_key)
             answer, _ = connection.request(request, timeout=self.config.connect_timeout)

@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     add_join_arguments(parser)
     parser.add_argument("--transport-port", type=int, default=0, help="tensor transport port (default: any)")
     parser.add_argument("--announce-host", help="address that clients dial (default: --host or a visible one)")
+    parser.add_argument("--announce-port", type=int, help="transport port that clients dial, e.g. a proxy's or one forwarded "
+                        "to --transport-port (default: --transport-port)")  # fmt: skip
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations dtype")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     parser.add_argument("--session-timeout", type=float, default=300.0, help="seconds an idle session lives")
@@ -98,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         port=args.port,
         transport_port=args.transport_port,
         announce_host=args.announce_host,
+        announce_port=args.announce_port,
         dtype=DTYPES[args.dtype],
         device=args.device,
         session_timeout=args.session_timeout,

@@ -25,6 +25,7 @@ class ServerConfig:
     port: int = 0  # DHT (libp2p) port; 0 picks a free one
     transport_port: int = 0  # tensor transport port; 0 picks a free one
     announce_host: str | None = None  # address clients should dial; default: host, or a visible address
+    announce_port: int | None = None  # transport port clients should dial (a proxy's, a forwarded one); default: its own
     dtype: torch.dtype = torch.float32  # weights and hidden states
     device: str = "cpu"
     session_timeout: float = 300.0  # seconds an idle session keeps its cache

@@ -129,7 +129,7 @@ class Server:
         self.transport = TensorServer(config.host, config.transport_port, self._handle, TransportLimits(
             frame_timeout=config.frame_timeout, idle_timeout=config.idle_timeout, max_connections=config.max_connections
         ))  # fmt: skip
-        self.address = f"{host}:{self.transport.port}"
+        self.address = f"{host}:{config.announce_port or self.transport.port}"
         self.span = self._initial_span()
         self._serve_span(self.span)
         self.transport.start()
