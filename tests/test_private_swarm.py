@@ -22,6 +22,7 @@ from swarm.network import load_swarm_key, start_dht
 from swarm.records import ServerRecord, ServerState, announce, block_key, fetch_records
 from swarm.transport import Connection
 from tests.conftest import assert_same_generation, generate_both
+from tests.test_push import push_counts
 
 
 def peer_id_of(server) -> str:
@@ -49,6 +50,8 @@ def test_a_client_with_the_key_generates_like_the_local_model(private_swarm, tin
         prompt = torch.randint(3, 131, (2, 7), generator=torch.Generator().manual_seed(3))
         remote, expected = generate_both(model, local_tiny_llama, prompt, max_new_tokens=6)
         assert_same_generation(remote, expected)
+        counts = push_counts(model.remote)
+        assert counts[swarm.servers[0].address]["pushed"] >= 6, "the servers did not push to each other with the key"
     finally:
         model.remote.shutdown()
 

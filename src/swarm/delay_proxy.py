@@ -3,12 +3,14 @@
 
     python -m swarm.delay_proxy --listen 127.0.0.1:0 --target 127.0.0.1:PORT --delay-ms 50 [--jitter-ms 5]
         [--bandwidth-mbit 100] [--up-delay-ms MS] [--down-delay-ms MS] [--delay-from 127.0.0.2=10 ...]
+        [--refuse-from 127.0.0.1 ...]
 
 Every byte that enters the proxy leaves it `delay` later, in order, in both directions ("up": toward the target,
 "down": back); `--jitter-ms` adds a random 0 to J ms per chunk (never reordering), and `--bandwidth-mbit` caps each
 direction of each connection. `--delay-from HOST=MS` gives connections from that source address another one-way
 delay (both directions): a server's proxy can so delay its clients (which dial from another loopback address,
-`ClientConfig(source_host="127.0.0.2")`) and its fellow servers differently. Put a proxy in front of a server and
+`ClientConfig(source_host="127.0.0.2")`) and its fellow servers differently; `--refuse-from HOST` closes every
+connection from that address at once (a server that other servers cannot reach, but its clients can). Put a proxy in front of a server and
 let the server announce the proxy's address (`python -m swarm.server ... --announce-port PORT`): every connection
 to it, from clients and from other servers, then goes through the proxy. Logs `ready: delay proxy at HOST:PORT`.
 """
@@ -49,6 +51,7 @@ class ProxySettings:
     up: LinkSettings = field(default_factory=LinkSettings)
     down: LinkSettings = field(default_factory=LinkSettings)
     delay_from: dict[str, float] = field(default_factory=dict)  # source host -> one-way delay (s), both directions
+    refuse_from: frozenset[str] = frozenset()  # source hosts whose connections are closed at once
 
     def links(self, source_host: str) -> tuple[LinkSettings, LinkSettings]:
         if source_host not in self.delay_from:
@@ -103,6 +106,9 @@ class DelayProxy:
 
     async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter):
         source = client_writer.get_extra_info("peername")[0]
+        if source in self.settings.refuse_from:
+            client_writer.close()
+            return
         try:
             target_reader, target_writer = await asyncio.open_connection(*self.settings.target)
         except OSError as error:
@@ -143,13 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bandwidth-mbit", type=float, default=0.0, help="cap per direction and connection (0: none)")
     parser.add_argument("--delay-from", type=source_delay, action="append", default=[], metavar="HOST=MS",
                         help="another one-way delay for connections from this source address")  # fmt: skip
+    parser.add_argument("--refuse-from", action="append", default=[], metavar="HOST", help="close connections from this source address at once")
     args = parser.parse_args(argv)
     configure_logging()
     link = dict(jitter=args.jitter_ms / 1000, bandwidth=args.bandwidth_mbit * 1e6 / 8)
     up_ms = args.delay_ms if args.up_delay_ms is None else args.up_delay_ms
     down_ms = args.delay_ms if args.down_delay_ms is None else args.down_delay_ms
     try:
-        settings = ProxySettings(args.target, LinkSettings(up_ms / 1000, **link), LinkSettings(down_ms / 1000, **link), dict(args.delay_from))
+        up, down = LinkSettings(up_ms / 1000, **link), LinkSettings(down_ms / 1000, **link)
+        settings = ProxySettings(args.target, up, down, dict(args.delay_from), frozenset(args.refuse_from))
     except ValueError as error:
         parser.error(str(error))
 

@@ -132,6 +132,15 @@ class ConnectionContext:
         except (OSError, ValueError):
             return True
 
+    def has_input(self) -> bool:
+        """Whether the peer has sent more (or closed the connection) since the request being handled."""
+        if self.sock is None:
+            return False
+        try:
+            return bool(select.select([self.sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
+
     def reply(self, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None):
         """Sends the reply to the request being handled, from any thread, without ever waiting for the peer:
         what the socket does not take at once is left in `unsent`. A handler that replies this way returns
@@ -305,19 +314,45 @@ class Connection:
     ) -> Message:
         timeout = timeout or self.timeout
         with self._lock:
-            if self.closed:
-                raise PeerError(f"connection to {self.address} is closed")
             deadline = time.monotonic() + timeout
-            try:
-                self._sock.settimeout(timeout)
-                send_message(self._sock, fields, tensors)
-                reply_fields, reply_tensors = receive_message(self._sock, self.limits, timeout, deadline)
-            except socket.timeout:
-                self.close()
-                raise PeerTimeoutError(f"{self.address} did not answer within {timeout} s") from None
-            except (OSError, ProtocolError) as error:
-                self.close()
-                raise PeerError(f"lost connection to {self.address}: {error}") from None
+            self._send(fields, tensors, timeout)
+            return self._receive(max(deadline - time.monotonic(), 1e-3))
+
+    def send(self, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, timeout: float | None = None):
+        """Sends a request whose reply `receive` reads later (replies come in the order of the requests)."""
+        with self._lock:
+            self._send(fields, tensors, timeout or self.timeout)
+
+    def receive(self, timeout: float | None = None) -> Message:
+        """The reply to the oldest request `send` sent whose reply has not been read."""
+        with self._lock:
+            return self._receive(timeout or self.timeout)
+
+    def _send(self, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None, timeout: float):
+        if self.closed:
+            raise PeerError(f"connection to {self.address} is closed")
+        try:
+            self._sock.settimeout(timeout)
+            send_message(self._sock, fields, tensors)
+        except socket.timeout:
+            self.close()
+            raise PeerTimeoutError(f"{self.address} did not take a request within {timeout} s") from None
+        except OSError as error:
+            self.close()
+            raise PeerError(f"lost connection to {self.address}: {error}") from None
+
+    def _receive(self, timeout: float) -> Message:
+        if self.closed:
+            raise PeerError(f"connection to {self.address} is closed")
+        try:
+            self._sock.settimeout(timeout)
+            reply_fields, reply_tensors = receive_message(self._sock, self.limits, timeout, time.monotonic() + timeout)
+        except socket.timeout:
+            self.close()
+            raise PeerTimeoutError(f"{self.address} did not answer within {timeout} s") from None
+        except (OSError, ProtocolError) as error:
+            self.close()
+            raise PeerError(f"lost connection to {self.address}: {error}") from None
         if "error" in reply_fields:
             raise _remote_error(self.address, reply_fields["error"])
         return reply_fields, reply_tensors

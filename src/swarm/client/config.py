@@ -15,6 +15,11 @@ class ClientConfig:
     coverage_timeout: float = 60.0  # seconds to wait for servers to cover every block before giving up
     connect_timeout: float = 5.0  # seconds to open a connection to a server
     source_host: str | None = None  # local address connections to servers leave from (None: the system's choice)
+    push: bool = True  # servers of a session's route pass each step's hidden states on to the next one themselves
+    # (swarm.server.push); False: the client relays every hop (so it does anyway for a model with a way back, a
+    # UNet, and while spot checks are on)
+    push_timeout: float = 2.0  # seconds a server waits for the next one to take a push before it tells the client
+    relay_duration: float = 300.0  # seconds the client relays between two servers after one could not push to the other
     step_timeout: float = 30.0  # seconds a server may take per 256 tokens of a request before it counts as hung
     ping_timeout: float = 2.0  # seconds to wait for a ping while measuring latencies
     latency_smoothing: float = 0.3  # weight of a new ping in the moving average of a server's latency

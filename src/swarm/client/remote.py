@@ -64,6 +64,8 @@ class RemoteBlocks:
         self.latencies: dict[str, float] = {}
         self.request_rows: dict[str, int] = {}  # peer id -> rows of hidden states it takes per request (its info)
         self.banned_until: dict[str, float] = {}
+        self.relayed_links: dict[tuple[str, str], float] = {}  # (peer id, next peer id) -> until when the client
+        # relays between the two, because the first could not push to the second
         self._connections: dict[str, Connection] = {}
         self._lock = threading.Lock()
         self._records_time = -math.inf
@@ -298,18 +300,28 @@ def tokens_of(tensors: Tensors) -> int:
 def run_hop(connection: Connection, hop: Hop, fields: dict, tensors: Tensors, timeout: float) -> tuple[dict, Tensors]:
     """One request to one hop. Floating-point tensors travel in the server's dtype; None values stay home. A reply
     that is not what was asked for (`check_reply`) is a `BadReplyError`: that server's fault."""
+    sent = in_server_dtype(hop, tensors)
+    reply_fields, reply_tensors = connection.request(fields, sent, timeout=timeout)
+    check_hop_reply(connection, hop, fields, sent, reply_fields, reply_tensors)
+    return reply_fields, reply_tensors
+
+
+def in_server_dtype(hop: Hop, tensors: Tensors) -> Tensors:
+    """`tensors` as they travel to `hop`: floating-point ones in its server's dtype, None values left out."""
     server_dtype = DTYPES.get(hop.server.dtype)
-    sent = {
+    return {
         name: tensor.to(server_dtype) if server_dtype is not None and tensor.is_floating_point() else tensor
         for name, tensor in tensors.items()
         if tensor is not None
     }
-    reply_fields, reply_tensors = connection.request(fields, sent, timeout=timeout)
-    problem = check_reply(fields, sent, reply_fields, reply_tensors, server_dtype)
+
+
+def check_hop_reply(connection: Connection, hop: Hop, fields: dict, sent: Tensors, reply_fields: dict, reply: Tensors):
+    """Closes the connection and raises `BadReplyError` if the reply is not what was asked for (`check_reply`)."""
+    problem = check_reply(fields, sent, reply_fields, reply, DTYPES.get(hop.server.dtype))
     if problem is not None:
         connection.close()
         raise BadReplyError(f"{hop.server.address} sent a reply that {problem}")
-    return reply_fields, reply_tensors
 
 
 def check_reply(fields: dict, sent: Tensors, reply_fields: dict, reply: Tensors, server_dtype) -> str | None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from swarm.client.remote import RemoteBlocks, Tensors, run_hop, tokens_of
+from swarm.client.remote import RemoteBlocks, Tensors, check_hop_reply, in_server_dtype, run_hop, tokens_of
 from swarm.client.retry import RetryBudget, is_retriable
 from swarm.client.routing import Hop
 from swarm.client.verify import agree
@@ -60,6 +60,57 @@ class ServerSession:
     shadow: ServerSession | None = None  # a session on another server of the same blocks that checks this one
     last_outputs: Tensors | None = None  # the tensors of its last reply
     shadow_seen: int = 0  # requests of `history` its shadow has been sent
+    owed: int = 0  # requests sent with `Connection.send` whose replies are not read yet
+
+    def push_target(self, remote: RemoteBlocks) -> dict:
+        """Where the previous hop pushes this hop's next step (see `swarm.server.push`)."""
+        server = self.hop.server
+        return {"address": server.address, "peer_id": server.peer_id, "session_id": self.session_id,
+                "position": self.length, "dtype": server.dtype, "timeout": remote.config.push_timeout}  # fmt: skip
+
+    def send_await(self, push_to: dict | None, timeout: float):
+        """Asks the server to run the next step once the previous hop pushes its inputs (and push it on)."""
+        fields = {"method": "step", "session_id": self.session_id, "position": self.length, "await_push": True, "await_timeout": timeout}
+        self.connection.send({**fields, **({"push_to": push_to} if push_to else {})}, {})
+        self.owed += 1
+
+    def send_step(self, tensors: Tensors, push_to: dict | None):
+        """Sends the server the next step itself (which cancels a step awaiting a push), to push on if `push_to`."""
+        fields = {"method": "step", "session_id": self.session_id, "position": self.length}
+        self.connection.send({**fields, **({"push_to": push_to} if push_to else {})}, in_server_dtype(self.hop, tensors))
+        self.owed += 1
+
+    def receive_step(self, tensors: Tensors, step: int, timeout: float) -> dict | None:
+        """Reads every reply the connection owes; returns the fields of the one that ran the step whose inputs are
+        `tensors` (recorded as `step` records a step), or None if none did (no push came). A server that ran the
+        step twice, or says it ran it without sending its outputs, sent a bad reply."""
+        sent, result, stale = in_server_dtype(self.hop, tensors), None, False
+        while self.owed:
+            reply_fields, outputs = self.connection.receive(timeout)
+            self.owed -= 1
+            if reply_fields.get("push_missing") is True:
+                continue
+            if reply_fields.get("stale") is True:
+                stale = True
+                continue
+            if result is not None:
+                self.connection.close()
+                raise BadReplyError(f"{self.hop.server.address} ran one step twice")
+            check_hop_reply(self.connection, self.hop, {"method": "step"}, sent, reply_fields, outputs)
+            self._check_length(reply_fields, tensors)
+            self.length, self.last_outputs = reply_fields["length"], outputs
+            self.history.append(SentRequest(step, None, tensors))
+            result = reply_fields
+        if stale and result is None:
+            self.connection.close()
+            raise BadReplyError(f"{self.hop.server.address} says its session is past this step, which it never returned")
+        return result
+
+    def _check_length(self, reply_fields: dict, tensors: Tensors):
+        expected = self.length + tensors["hidden_states"].shape[1]
+        if reply_fields["length"] != expected:
+            self.connection.close()
+            raise BadReplyError(f"{self.hop.server.address} says its session holds {reply_fields['length']} positions, not {expected}")
 
     def step(self, remote: RemoteBlocks, tensors: Tensors, phases: Phases, step: int) -> tuple[dict, Tensors]:
         fields = {"method": "step", "session_id": self.session_id}
@@ -67,10 +118,7 @@ class ServerSession:
             fields["phases"] = list(phases)
         reply = run_hop(self.connection, self.hop, fields, tensors, remote.request_timeout(tokens_of(tensors)))
         if phases is None and "hidden_states" in tensors:  # a pass of new positions: the session grows by them
-            expected = self.length + tensors["hidden_states"].shape[1]
-            if reply[0]["length"] != expected:
-                self.connection.close()
-                raise BadReplyError(f"{self.hop.server.address} says its session holds {reply[0]['length']} positions, not {expected}")
+            self._check_length(reply[0], tensors)
         self.length, self.last_outputs = reply[0]["length"], reply[1]
         self.history.append(SentRequest(step, phases, tensors))
         return reply
@@ -176,6 +224,65 @@ class InferenceSession:
     def _step(self, tensors: Tensors, keeps_state: bool, resets_state: bool) -> Tensors:
         current = {name: tensor for name, tensor in tensors.items() if tensor is not None}
         caller_dtypes = {name: tensor.dtype for name, tensor in current.items()}
+        reply, outputs, current = self._push_step(current) if self._pushes() else self._relay_step(current)
+        self._forget(keeps_state, resets_state)
+        self.steps += 1
+        self.position = reply["length"]
+        return {name: current[name].to(caller_dtypes.get(name, current[name].dtype)) for name in outputs}
+
+    def _pushes(self) -> bool:
+        """Whether steps go down the route by server-to-server push: for a model that makes one pass per step, over
+        two hops or more, unless spot checks are on (a hop's output is checked before the next hop runs on it)."""
+        config = self.remote.config
+        return config.push and not self.phases and self.remote.verifier is None and len(self._server_sessions) > 1
+
+    def _push_step(self, current: Tensors) -> tuple[dict, Tensors, Tensors]:
+        """One pass down the route, in runs of hops that push to each other (see `swarm.server.push`): the client
+        sends the first hop of a run the step and the others a step that awaits its push, then reads every hop's
+        outputs. A hop that could not push to the next makes the client relay between the two from then on; a hop
+        that fails is replaced (its history replayed, as in relay) and the run goes on from its replacement, which
+        pushes to the hop after it (whose step still awaits). Returns the last reply's fields, the last hop's outputs
+        and the tensors as they left it."""
+        remote, budget, reply, outputs = self.remote, self.remote.config.retry.start(), {}, {}
+        timeout = remote.request_timeout(tokens_of(current)) + remote.config.push_timeout  # a hop pushes, then replies
+        index = 0
+        while index < len(self._server_sessions):
+            sessions, end = self._server_sessions, self._run_end(index)
+            at = index
+            try:
+                for at in range(index + 1, end + 1):
+                    if not sessions[at].owed:
+                        sessions[at].send_await(sessions[at + 1].push_target(remote) if at < end else None, timeout * (end - index + 1))
+                at = index
+                sessions[index].send_step(current, sessions[index + 1].push_target(remote) if index < end else None)
+                for at in range(index, end + 1):
+                    if (fields := sessions[at].receive_step(current, self.steps, timeout * (at - index + 1))) is None:
+                        break  # no push came: the client sends this hop the step itself
+                    reply, outputs = fields, sessions[at].last_outputs
+                    current, index = {**current, **outputs}, at + 1
+                    if at < end and not fields.get("pushed") and not str(fields.get("push_error", "")).startswith("stale"):
+                        self._relay_from_now_on(sessions[at], sessions[at + 1], fields.get("push_error"))
+                        break
+            except Exception as error:
+                if not is_retriable(error):
+                    raise
+                self._replace(at, error, budget)
+        return reply, outputs, current
+
+    def _run_end(self, index: int) -> int:
+        """The last hop that pushes reach from hop `index`: up to the first link the client relays."""
+        sessions, now, end = self._server_sessions, time.monotonic(), index
+        while end + 1 < len(sessions) and self.remote.relayed_links.get((sessions[end].hop.server.peer_id, sessions[end + 1].hop.server.peer_id), 0.0) <= now:
+            end += 1
+        return end
+
+    def _relay_from_now_on(self, first: ServerSession, second: ServerSession, reason):
+        duration = self.remote.config.relay_duration
+        logger.warning(f"{first.hop.server.address} could not push to {second.hop.server.address} ({reason}): relaying between them for {duration:.0f} s")
+        self.remote.relayed_links[(first.hop.server.peer_id, second.hop.server.peer_id)] = time.monotonic() + duration
+
+    def _relay_step(self, current: Tensors) -> tuple[dict, Tensors, Tensors]:
+        """One pass over the route (or round trip), the client sending every hop its request."""
         budget, reply, outputs = self.remote.config.retry.start(), {}, {}
         full_step = self.phases or None
         plan, position = plan_requests(len(self._server_sessions), full_step, self.phases), 0
@@ -197,10 +304,7 @@ class InferenceSession:
                 continue
             current = {**current, **outputs} if not self._goes_back(phases) else outputs
             position += 1
-        self._forget(keeps_state, resets_state)
-        self.steps += 1
-        self.position = reply["length"]
-        return {name: current[name].to(caller_dtypes.get(name, current[name].dtype)) for name in outputs}
+        return reply, outputs, current
 
     def _check_hop(self, server_session: ServerSession, observed: Tensors):
         """Checks the output of `server_session`'s last step against its shadow's, and on disagreement against a

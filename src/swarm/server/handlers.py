@@ -2,11 +2,13 @@
 
 Requests are `{"method": ..., ...fields}` plus named tensors (see `swarm.wire`):
 
-    info                                    -> model, span, dtype, version, open sessions, limits
+    info                                    -> model, span, dtype, version, open sessions, limits, push counts
     forward  start, end         + tensors   -> tensors        (no cache)
     open     start, end, max_length         -> session_id
     step     session_id [phases] + tensors  -> tensors, length  (phases: for a round-trip model, the ones
                                                                   to run, each fed what the previous returned)
+    step     session_id position [push_to] [await_push]         -> the same, pushing on (see `swarm.server.push`)
+    push     session_id position + tensors  -> accepted         (from the previous server of a route)
     close    session_id                     -> closed
     echo                        + tensors   -> the same tensors (measures the transport alone)
 """
@@ -24,12 +26,15 @@ import torch
 from swarm.errors import BadRequestError, ServerBusyError, ServerUnavailableError
 from swarm.models.base import LoadedSpan, ModelFamily, Tensors
 from swarm.models.checks import require
-from swarm.server.sessions import SessionManager
+from swarm.server.push import MAX_AWAIT_TIMEOUT, PushLinks, PushTarget
+from swarm.server.sessions import Session, SessionManager
 from swarm.spans import BlockSpan
 from swarm.transport import ConnectionContext, Message
 from swarm.wire import dtype_name, is_int
 
 logger = logging.getLogger(__name__)
+
+AWAIT_POLL = 0.05  # seconds between looks, while a step awaits its push, at whether the client sent another request
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class RequestHandler:
         version: str,
         limits: RequestLimits,
         compute: Executor,
+        push_links: PushLinks | None = None,
     ):
         self.family = family
         self.loaded = loaded
@@ -62,6 +68,8 @@ class RequestHandler:
         self.version = version
         self.limits = limits
         self.compute = compute  # the server's one compute thread (see `Server.compute`)
+        self.push_links = push_links or PushLinks(swarm_key=None)
+        self.push_counts = {"pushed": 0, "push_failed": 0, "received": 0}  # steps pushed on, not, and run from a push
         self.accepting_sessions = True
 
     def __call__(self, fields: dict[str, Any], tensors: Tensors, context: ConnectionContext) -> Message:
@@ -75,7 +83,8 @@ class RequestHandler:
         span = self.loaded.span
         info = {"model": self.model_name, "start": span.start, "end": span.end, "version": self.version}
         limits = {"max_request_tokens": self.limits.max_request_tokens, "max_batch_size": self.limits.max_batch_size}
-        return {**info, "dtype": dtype_name(self.loaded.dtype), "sessions": len(self.sessions), **limits}, {}
+        pushes = {f"steps_{name}": count for name, count in self.push_counts.items()}
+        return {**info, "dtype": dtype_name(self.loaded.dtype), "sessions": len(self.sessions), **limits, **pushes}, {}
 
     def rpc_echo(self, fields, tensors, context) -> Message:
         return {}, tensors
@@ -103,13 +112,58 @@ class RequestHandler:
         context.on_close.append(lambda: self.sessions.close(session.id))
         return {"session_id": session.id}, {}
 
-    def rpc_step(self, fields, tensors, context) -> None:
+    def rpc_step(self, fields, tensors, context) -> Message | None:
         session = self.sessions.get(fields.get("session_id"))
         phases = self._phases(fields)
+        position = fields.get("position")
+        require(position is None or (is_int(position) and position >= 0), f"position must be a non-negative int, got {position!r}")
+        push_to = PushTarget.parse(fields["push_to"]) if "push_to" in fields else None
+        require(push_to is None or phases == [None], "push_to is for models that make one pass per step")
+        if fields.get("await_push") is not None:
+            require(fields["await_push"] is True and position is not None and not tensors,
+                    "await_push is true, with a position and no tensors")  # fmt: skip
+            timeout = fields.get("await_timeout", 60.0)
+            require(isinstance(timeout, (int, float)) and 0 < timeout <= MAX_AWAIT_TIMEOUT,
+                    f"await_timeout must be in (0, {MAX_AWAIT_TIMEOUT:g}] seconds, got {timeout!r}")  # fmt: skip
+            tensors = self._await_push(session, position, context, timeout)
+            if tensors is None:
+                return {"push_missing": True}, {}
+            self.push_counts["received"] += 1
         self._check_size(tensors)
         self._wait_for_cache_memory()
         with session.lock:
-            self._compute_and_reply(context, self._step, session, phases, tensors)
+            if position is not None and session.state.length != position:
+                return {"stale": True, "length": session.state.length}, {}
+            if push_to is None:
+                return self._compute_and_reply(context, self._step, session, phases, tensors)
+            reply, outputs = self.compute.submit(_in_inference_mode, self._step, session, phases, tensors).result()
+        problem = self.push_links.push(push_to, {**tensors, **outputs})
+        self.push_counts["push_failed" if problem else "pushed"] += 1
+        return {**reply, "pushed": problem is None, **({"push_error": problem} if problem else {})}, outputs
+
+    def rpc_push(self, fields, tensors, context) -> Message:
+        session = self.sessions.get(fields.get("session_id"))
+        position = fields.get("position")
+        require(is_int(position) and position >= 0, f"position must be a non-negative int, got {position!r}")
+        require(bool(tensors), "a push carries the step's tensors")
+        self._check_size(tensors)
+        if session.state.length != position:
+            return {"accepted": False, "reason": f"stale: the session holds {session.state.length} positions, not {position}"}, {}
+        if not session.mailbox.put(position, tensors):
+            return {"accepted": False, "reason": "another push for this session is waiting"}, {}
+        return {"accepted": True}, {}
+
+    def _await_push(self, session: Session, position: int, context: ConnectionContext, timeout: float) -> Tensors | None:
+        """The inputs the previous server pushes for the step at `position`; None if none came within `timeout` or
+        the client sent something else meanwhile (a step of its own, which replaces the push)."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            tensors = session.mailbox.take(position, min(AWAIT_POLL, remaining))
+            if tensors is not None:
+                return tensors
+            if context.has_input():
+                return None
+        return None
 
     def rpc_close(self, fields, tensors, context) -> Message:
         session_id = fields.get("session_id")
@@ -182,6 +236,11 @@ class RequestHandler:
             f"blocks {sub_span} cross a stage boundary; stages are {', '.join(map(str, stages))}",
         )
         return sub_span
+
+
+def _in_inference_mode(compute, *args):
+    with torch.inference_mode():
+        return compute(*args)
 
 
 def _compute_and_reply(context: ConnectionContext, compute, *args):

@@ -27,6 +27,7 @@ from swarm.server.block_selection import block_capacities, blocks_that_fit, choo
 from swarm.server.config import ServerConfig
 from swarm.server.files import ServedFiles, open_served_files
 from swarm.server.handlers import RequestHandler, RequestLimits
+from swarm.server.push import PushLinks
 from swarm.server.sessions import SessionManager
 from swarm.server.throughput import seconds_per_block
 from swarm.spans import BlockSpan
@@ -64,6 +65,7 @@ class Server:
         # who this server is: its records are signed, and it proves it to every client that connects
         self.identity = Identity.load_or_create(config.identity) if config.identity else Identity.generate()
         self.swarm_key = load_swarm_key(config.swarm_key) if config.swarm_key is not None else None
+        self.push_links = PushLinks(self.swarm_key)  # to the next servers of clients' routes (swarm.server.push)
         if self.local_path is not None:
             self._open_model(self.local_path)
         self.files: ServedFiles | None = None
@@ -179,7 +181,7 @@ class Server:
         self.throughput = 1.0 / (seconds * len(span))
         sessions = SessionManager(idle_timeout=self.config.session_timeout)
         self.handler = RequestHandler(
-            self.family, loaded, sessions, self.model_name, __version__, self._request_limits(), self.compute
+            self.family, loaded, sessions, self.model_name, __version__, self._request_limits(), self.compute, self.push_links
         )
         self.transport.limits = self._transport_limits(loaded)
         self._announce(ServerState.ONLINE)
@@ -271,6 +273,7 @@ class Server:
             while handler is not None and len(handler.sessions) and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.transport.stop()
+        self.push_links.close()
         if self.files is not None:
             self.files.close()
         if self.dht is not None:

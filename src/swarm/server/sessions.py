@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swarm.errors import SessionExpiredError
+from swarm.server.push import Mailbox
 from swarm.spans import BlockSpan
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class Session:
     state: Any  # the family's session state
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one step at a time
+    mailbox: Mailbox = field(default_factory=Mailbox)  # inputs the previous server of the route pushed
 
 
 class SessionManager:

@@ -1,0 +1,153 @@
+"""Server-to-server push: a step's inputs go from one server of a client's route straight to the next.
+
+The client sends a step to the first server of a run of hops and, to each of the others, a step that awaits its
+inputs (`await_push`); each server, once it has computed, pushes its inputs and outputs joined (what the client
+would have sent the next hop) to the next server and replies to the client with its outputs. The client so gets
+every hop's outputs (for failover's replays) while the hidden states go down the route without coming back to it
+between hops: a step costs one delay per link of the chain instead of a round trip per server.
+
+    step  session_id position [push_to] + tensors       from the client: run this step, then push it on
+    step  session_id position await_push [push_to]      from the client: run the step the previous server pushes
+    push  session_id position + tensors                 from the previous server -> accepted, or why not
+
+`push_to` names the next hop: `{"address", "peer_id", "session_id", "position", "dtype", "timeout"}`. A server
+dials it with `hello`, so the next server proves it is the peer the client named (and, in a private swarm, that it
+holds the key). A reply says whether the push went through (`pushed`, else `push_error`); a client whose hop could
+not push sends the next hop the step itself, which cancels the wait (the awaiting step answers `push_missing`).
+A step or push whose `position` is not the session's length is answered `stale`, so a step never runs twice.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from swarm.errors import SwarmError
+from swarm.handshake import check_answer, hello_request
+from swarm.models.base import Tensors
+from swarm.models.checks import require
+from swarm.transport import Connection, TransportLimits
+from swarm.wire import DTYPES, is_int
+
+MAX_PUSH_TIMEOUT = 60.0  # seconds a server waits for the next one to take a push, at most
+MAX_AWAIT_TIMEOUT = 600.0  # seconds a step may wait for its push, at most
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    address: str
+    peer_id: str
+    session_id: str
+    position: int
+    dtype: torch.dtype | None
+    timeout: float
+
+    @classmethod
+    def parse(cls, value: Any) -> "PushTarget":
+        require(isinstance(value, dict), f"push_to must be an object, got {type(value).__name__}")
+        address, peer_id, session_id = value.get("address"), value.get("peer_id"), value.get("session_id")
+        position, dtype, timeout = value.get("position"), value.get("dtype"), value.get("timeout", 5.0)
+        host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+        require(bool(host) and port.isdigit(), f"push_to.address must be HOST:PORT, got {address!r}")
+        require(isinstance(peer_id, str) and 0 < len(peer_id) <= 128, "push_to.peer_id must be a peer id")
+        require(isinstance(session_id, str) and 0 < len(session_id) <= 128, "push_to.session_id must be a session id")
+        require(is_int(position) and position >= 0, f"push_to.position must be a non-negative int, got {position!r}")
+        require(dtype is None or dtype in DTYPES, f"push_to.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        require(isinstance(timeout, (int, float)) and 0 < timeout <= MAX_PUSH_TIMEOUT,
+                f"push_to.timeout must be in (0, {MAX_PUSH_TIMEOUT:g}] seconds, got {timeout!r}")  # fmt: skip
+        return cls(address, peer_id, session_id, position, DTYPES.get(dtype), float(timeout))
+
+
+class Mailbox:
+    """A session's inputs that the previous server pushed, until the step that awaits them takes them."""
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._item: tuple[int, Tensors] | None = None
+
+    def put(self, position: int, tensors: Tensors) -> bool:
+        """Leaves `tensors` for the step at `position`; False if another push already waits."""
+        with self._condition:
+            if self._item is not None:
+                return False
+            self._item = (position, tensors)
+            self._condition.notify_all()
+            return True
+
+    def take(self, position: int, timeout: float) -> Tensors | None:
+        """The pushed inputs of the step at `position`, once they are here (within `timeout`); a push for another
+        position is dropped."""
+        with self._condition:
+            self._condition.wait_for(lambda: self._item is not None, timeout)
+            item, self._item = self._item, None
+        if item is None or item[0] != position:
+            return None
+        return item[1]
+
+
+class PushLinks:
+    """This server's connections to the next servers of clients' routes, one per peer, each opened with `hello`."""
+
+    def __init__(self, swarm_key: bytes | None, connect_timeout: float = 5.0):
+        self.swarm_key = swarm_key
+        self.connect_timeout = connect_timeout
+        self._connections: dict[tuple[str, str], Connection] = {}
+        self._lock = threading.Lock()
+
+    def push(self, target: PushTarget, tensors: Tensors) -> str | None:
+        """Pushes `tensors` (floating-point ones in the target's dtype) to the target's session, connecting first if
+        need be, all within the target's timeout; None once the next server has taken them, else why it has not."""
+        sent = {
+            name: tensor.to(target.dtype) if target.dtype is not None and tensor.is_floating_point() else tensor
+            for name, tensor in tensors.items()
+        }
+        fields = {"method": "push", "session_id": target.session_id, "position": target.position}
+        deadline = time.monotonic() + target.timeout
+        try:
+            connection = self._connection(target, deadline)
+            reply, _ = connection.request(fields, sent, timeout=max(deadline - time.monotonic(), 1e-3))
+        except (SwarmError, OSError) as error:
+            self._drop(target)
+            return f"unreachable: {error}"
+        if reply.get("accepted") is not True:
+            reason = reply.get("reason")
+            return str(reason)[:300] if isinstance(reason, str) else "refused"
+        return None
+
+    def _connection(self, target: PushTarget, deadline: float) -> Connection:
+        key = (target.address, target.peer_id)
+        with self._lock:
+            connection = self._connections.get(key)
+        if connection is not None and not connection.closed:
+            return connection
+        connection = Connection(target.address, min(self.connect_timeout, max(deadline - time.monotonic(), 1e-3)), TransportLimits())
+        try:
+            request = hello_request(self.swarm_key)
+            answer, _ = connection.request(request, timeout=max(deadline - time.monotonic(), 1e-3))
+            check_answer(request, answer, target.peer_id, target.address, self.swarm_key)
+        except BaseException:
+            connection.close()
+            raise
+        with self._lock:
+            previous = self._connections.get(key)
+            if previous is not None and not previous.closed:
+                connection.close()
+                return previous
+            self._connections[key] = connection
+        return connection
+
+    def _drop(self, target: PushTarget):
+        with self._lock:
+            connection = self._connections.pop((target.address, target.peer_id), None)
+        if connection is not None:
+            connection.close()
+
+    def close(self):
+        with self._lock:
+            connections, self._connections = list(self._connections.values()), {}
+        for connection in connections:
+            connection.close()
