@@ -13,7 +13,7 @@ import torch
 from swarm import AutoDistributedModel
 from swarm.client.config import ClientConfig
 from swarm.client.retry import RetryPolicy
-from swarm.errors import BadRequestError, PeerError, SessionExpiredError
+from swarm.errors import BadRequestError, PeerError
 from swarm.launch import LocalSwarm
 from swarm.transport import Connection
 from tests.conftest import assert_same_generation, generate_both
@@ -85,17 +85,17 @@ def test_bad_push_requests_are_refused_by_name(swarm_3, tiny_llama):
         with model.inference_session(max_length=16) as session:
             model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
             hop = session._server_sessions[1]
+            before = push_counts(model.remote)[hop.hop.server.address]["refused"]
             connection = Connection(hop.hop.server.address, 10)
             hidden = torch.zeros(1, 1, model.config.hidden_size)
-            stale = connection.request({"method": "push", "session_id": hop.session_id, "position": 1}, {"hidden_states": hidden})[0]
-            assert stale == {"accepted": False, "reason": f"stale: the session holds {hop.length} positions, not 1"}
-            with pytest.raises(SessionExpiredError):
-                connection.request({"method": "push", "session_id": "nope", "position": 0}, {"hidden_states": hidden})
+            for session_id, position in ((hop.session_id, 1), ("nope", hop.length)):  # a stale push, an unknown session
+                connection.send({"method": "push", "session_id": session_id, "position": position}, {"hidden_states": hidden})
             with pytest.raises(BadRequestError, match="push_to.address must be HOST:PORT"):
                 connection.request({"method": "step", "session_id": hop.session_id, "push_to": {"address": "x"}}, {"hidden_states": hidden})
             with pytest.raises(BadRequestError, match="await_push is true, with a position and no tensors"):
                 connection.request({"method": "step", "session_id": hop.session_id, "await_push": True}, {})
             connection.close()
+            assert push_counts(model.remote)[hop.hop.server.address]["refused"] == before + 2  # dropped, no reply
             model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)  # the session goes on
     finally:
         model.remote.shutdown()

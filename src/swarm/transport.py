@@ -318,6 +318,15 @@ class Connection:
             self._send(fields, tensors, timeout)
             return self._receive(max(deadline - time.monotonic(), 1e-3))
 
+    def peer_closed(self) -> bool:
+        """Whether the server has closed its end (nothing it sends unasked is expected)."""
+        with self._lock:
+            try:
+                readable = select.select([self._sock], [], [], 0)[0]
+                return bool(readable) and self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            except (OSError, ValueError):
+                return True
+
     def send(self, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, timeout: float | None = None):
         """Sends a request whose reply `receive` reads later (replies come in the order of the requests)."""
         with self._lock:

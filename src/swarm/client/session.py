@@ -260,7 +260,7 @@ class InferenceSession:
                         break  # no push came: the client sends this hop the step itself
                     reply, outputs = fields, sessions[at].last_outputs
                     current, index = {**current, **outputs}, at + 1
-                    if at < end and not fields.get("pushed") and not str(fields.get("push_error", "")).startswith("stale"):
+                    if at < end and not fields.get("pushed"):
                         self._relay_from_now_on(sessions[at], sessions[at + 1], fields.get("push_error"))
                         break
             except Exception as error:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from swarm.errors import BadRequestError, ServerBusyError, ServerUnavailableError
+from swarm.errors import BadRequestError, RemoteError, ServerBusyError, ServerUnavailableError
 from swarm.models.base import LoadedSpan, ModelFamily, Tensors
 from swarm.models.checks import require
 from swarm.server.push import MAX_AWAIT_TIMEOUT, PushLinks, PushTarget
@@ -69,7 +69,8 @@ class RequestHandler:
         self.limits = limits
         self.compute = compute  # the server's one compute thread (see `Server.compute`)
         self.push_links = push_links or PushLinks(swarm_key=None)
-        self.push_counts = {"pushed": 0, "push_failed": 0, "received": 0}  # steps pushed on, not, and run from a push
+        # steps pushed on, not, run from a push, and pushes dropped
+        self.push_counts = {"pushed": 0, "push_failed": 0, "received": 0, "refused": 0}
         self.accepting_sessions = True
 
     def __call__(self, fields: dict[str, Any], tensors: Tensors, context: ConnectionContext) -> Message:
@@ -141,17 +142,20 @@ class RequestHandler:
         self.push_counts["push_failed" if problem else "pushed"] += 1
         return {**reply, "pushed": problem is None, **({"push_error": problem} if problem else {})}, outputs
 
-    def rpc_push(self, fields, tensors, context) -> Message:
-        session = self.sessions.get(fields.get("session_id"))
-        position = fields.get("position")
-        require(is_int(position) and position >= 0, f"position must be a non-negative int, got {position!r}")
-        require(bool(tensors), "a push carries the step's tensors")
-        self._check_size(tensors)
-        if session.state.length != position:
-            return {"accepted": False, "reason": f"stale: the session holds {session.state.length} positions, not {position}"}, {}
-        if not session.mailbox.put(position, tensors):
-            return {"accepted": False, "reason": "another push for this session is waiting"}, {}
-        return {"accepted": True}, {}
+    def rpc_push(self, fields, tensors, context) -> None:
+        """Leaves a pushed step's inputs for the step that awaits them; a push has no reply (see `swarm.server.push`),
+        so one that cannot be taken is dropped, and logged, and the awaiting step's client finds out."""
+        try:
+            session = self.sessions.get(fields.get("session_id"))
+            position = fields.get("position")
+            require(is_int(position) and position >= 0, f"position must be a non-negative int, got {position!r}")
+            require(bool(tensors), "a push carries the step's tensors")
+            self._check_size(tensors)
+            require(session.state.length == position, f"stale: the session holds {session.state.length} positions, not {position}")
+            require(session.mailbox.put(position, tensors), "another push for this session is waiting")
+        except RemoteError as error:
+            self.push_counts["refused"] += 1
+            logger.info(f"Dropped a push from {context.peer}: {error}")
 
     def _await_push(self, session: Session, position: int, context: ConnectionContext, timeout: float) -> Tensors | None:
         """The inputs the previous server pushes for the step at `position`; None if none came within `timeout` or

@@ -8,13 +8,14 @@ between hops: a step costs one delay per link of the chain instead of a round tr
 
     step  session_id position [push_to] + tensors       from the client: run this step, then push it on
     step  session_id position await_push [push_to]      from the client: run the step the previous server pushes
-    push  session_id position + tensors                 from the previous server -> accepted, or why not
+    push  session_id position + tensors                 from the previous server (no reply)
 
 `push_to` names the next hop: `{"address", "peer_id", "session_id", "position", "dtype", "timeout"}`. A server
 dials it with `hello`, so the next server proves it is the peer the client named (and, in a private swarm, that it
-holds the key). A reply says whether the push went through (`pushed`, else `push_error`); a client whose hop could
-not push sends the next hop the step itself, which cancels the wait (the awaiting step answers `push_missing`).
-A step or push whose `position` is not the session's length is answered `stale`, so a step never runs twice.
+holds the key). A pushing server replies to its client without waiting for the next server (a push has no reply),
+saying whether it could send the push (`pushed`, else `push_error`); a client whose hop could not push sends the
+next hop the step itself, which cancels the wait (the awaiting step answers `push_missing`). A step whose
+`position` is not the session's length is answered `stale`, and such a push dropped, so a step never runs twice.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from swarm.errors import SwarmError
+from swarm.errors import PeerTimeoutError, SwarmError
 from swarm.handshake import check_answer, hello_request
 from swarm.models.base import Tensors
 from swarm.models.checks import require
@@ -99,31 +100,42 @@ class PushLinks:
         self._lock = threading.Lock()
 
     def push(self, target: PushTarget, tensors: Tensors) -> str | None:
-        """Pushes `tensors` (floating-point ones in the target's dtype) to the target's session, connecting first if
-        need be, all within the target's timeout; None once the next server has taken them, else why it has not."""
+        """Sends `tensors` (floating-point ones in the target's dtype) to the target's session, connecting first if
+        need be, within the target's timeout; None once they are sent, else why they could not be. A push has no
+        reply: the next server runs it in the step that awaits it (or drops it, logging why), and the client reads
+        that step's reply, so the pushing server answers its client without waiting for the next one. A kept
+        connection that the next server has closed (it restarted, say) is replaced once."""
         sent = {
             name: tensor.to(target.dtype) if target.dtype is not None and tensor.is_floating_point() else tensor
             for name, tensor in tensors.items()
         }
         fields = {"method": "push", "session_id": target.session_id, "position": target.position}
         deadline = time.monotonic() + target.timeout
-        try:
-            connection = self._connection(target, deadline)
-            reply, _ = connection.request(fields, sent, timeout=max(deadline - time.monotonic(), 1e-3))
-        except (SwarmError, OSError) as error:
-            self._drop(target)
-            return f"unreachable: {error}"
-        if reply.get("accepted") is not True:
-            reason = reply.get("reason")
-            return str(reason)[:300] if isinstance(reason, str) else "refused"
+        for attempt in (1, 2):
+            kept = self._kept(target)
+            try:
+                connection = kept or self._connection(target, deadline)
+                connection.send(fields, sent, timeout=max(deadline - time.monotonic(), 1e-3))
+                return None
+            except (SwarmError, OSError) as error:
+                self._drop(target)
+                if kept is None or isinstance(error, PeerTimeoutError) or attempt == 2:
+                    return f"unreachable: {error}"
         return None
+
+    def _kept(self, target: PushTarget) -> Connection | None:
+        """The open connection to the target, if there is one whose peer has not closed it."""
+        with self._lock:
+            connection = self._connections.get((target.address, target.peer_id))
+        if connection is None or connection.closed:
+            return None
+        if connection.peer_closed():
+            self._drop(target)
+            return None
+        return connection
 
     def _connection(self, target: PushTarget, deadline: float) -> Connection:
         key = (target.address, target.peer_id)
-        with self._lock:
-            connection = self._connections.get(key)
-        if connection is not None and not connection.closed:
-            return connection
         connection = Connection(target.address, min(self.connect_timeout, max(deadline - time.monotonic(), 1e-3)), TransportLimits())
         try:
             request = hello_request(self.swarm_key)
