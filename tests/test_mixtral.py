@@ -12,6 +12,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 from swarm import AutoDistributedModel
 from swarm.launch import LocalSwarm
 from tests.conftest import ATOL, assert_same_generation, generate_both
+from tests.test_push import push_counts
 
 
 def make_tiny_mixtral(directory, **overrides):
@@ -65,6 +66,7 @@ def test_mixtral_over_two_servers_matches_local(checkpoint, request, tmp_path):
             remote, expected = generate_both(model, local, input_ids, max_new_tokens=10)
             assert_same_generation(remote, expected)
             assert len(set(remote.sequences[0, 10:].tolist())) > 2
+            assert push_counts(model.remote)[swarm.servers[0].address]["pushed"] == 10, "the servers did not push"
 
             batch = torch.randint(0, 113, (2, 7), generator=torch.Generator().manual_seed(4))
             mask = torch.ones_like(batch)

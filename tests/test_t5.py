@@ -10,6 +10,7 @@ from swarm import AutoDistributedModel
 from swarm.client.seq2seq_lm import DistributedModelForSeq2SeqLM
 from swarm.launch import LocalSwarm
 from tests.conftest import ATOL, assert_same_generation
+from tests.test_push import push_counts
 
 
 def make_tiny_t5(directory, **overrides):
@@ -81,6 +82,16 @@ def test_greedy_generation_matches_local(t5_setup):
     expected = local.generate(input_ids, cache=fresh_cache(), **settings)
     assert_same_generation(remote, expected)
     assert max(len(set(row.tolist())) for row in remote.sequences) > 4
+
+
+def test_decoder_steps_are_pushed_across_the_encoder_decoder_boundary(t5_setup):
+    """The middle server hosts the last encoder blocks and the first decoder ones: it pushes each decoder step on."""
+    model, local = t5_setup
+    input_ids, attention_mask = encoder_batch()
+    before = sum(counts["pushed"] for counts in push_counts(model.remote).values())
+    remote = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=6)
+    assert torch.equal(remote, local.generate(input_ids, attention_mask=attention_mask, max_new_tokens=6, cache=fresh_cache()))
+    assert sum(counts["pushed"] for counts in push_counts(model.remote).values()) - before == 6
 
 
 def test_beam_search_matches_local(t5_setup):
