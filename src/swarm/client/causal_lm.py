@@ -5,6 +5,8 @@ the swarm (see `swarm.client.base`): `model(input_ids)` returns `.logits` as the
 `.generate()` takes the usual arguments (greedy, sampling, beam search, streamers, batches with left padding).
 Each `.generate()` call runs in an inference session, so every step sends only the new token through the
 servers; inside `with model.inference_session(max_length=...)`, successive calls continue one conversation.
+Assisted decoding (`prompt_lookup_num_tokens=...`, `assistant_model=...`) runs as transformers runs it: each step
+sends the draft tokens through the servers at once, and the ones not accepted are cropped from their caches.
 """
 
 from __future__ import annotations
@@ -14,12 +16,36 @@ import inspect
 import logging
 
 import torch
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.utils import ModelOutput
 
 from swarm.client.base import SwarmModelMixin
 from swarm.client.session import InferenceSession
 
 logger = logging.getLogger(__name__)
+
+
+class SessionCache:
+    """What `generate()`'s assisted decoding sees of the servers' caches: their length, and a `crop` that drops the
+    draft tokens it did not accept (from every hop, with the next step)."""
+
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(self, session: InferenceSession):
+        self.session = session
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.session.position
+
+    def activate_past_recording(self):
+        pass  # the servers' caches keep every position until cropped
+
+    def crop(self, tokens_to_remove: int):
+        """Drops the last `-tokens_to_remove` positions (transformers' convention: a negative count)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of positions to drop, got {tokens_to_remove}")
+        self.session.crop(self.session.position + tokens_to_remove)
 
 
 class DistributedModelForCausalLM(SwarmModelMixin):
@@ -51,9 +77,17 @@ class DistributedModelForCausalLM(SwarmModelMixin):
         if position_ids is not None and takes_position_ids(type(self)):
             kwargs["position_ids"] = position_ids  # models with alibi (Bloom) have none
         with self._without_session(use_cache is False):
-            return super().forward(
+            outputs = super().forward(
                 input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, cache=None, use_cache=False, **kwargs
             )
+        if isinstance(cache, SessionCache):
+            outputs.cache = cache  # assisted decoding crops it
+        return outputs
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode=None, *args, **kwargs):
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, *args, **kwargs)
+        if generation_mode == GenerationMode.ASSISTED_GENERATION and self.active_session is not None:
+            model_kwargs["cache"] = SessionCache(self.active_session)
 
     def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None, **kwargs):
         """`GenerationMixin.generate` in an inference session: the given one, the active one, or a new one.
@@ -99,9 +133,14 @@ class DistributedModelForCausalLM(SwarmModelMixin):
         config = kwargs.get("generation_config") or self.generation_config
         prompt_length = inputs.shape[1] if inputs is not None else 1
         max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+        drafts = 0  # assisted decoding's last step may run draft tokens past the end, before cropping them
+        if kwargs.get("prompt_lookup_num_tokens") or config.prompt_lookup_num_tokens:
+            drafts = kwargs.get("prompt_lookup_num_tokens") or config.prompt_lookup_num_tokens
+        elif kwargs.get("assistant_model") is not None:
+            drafts = kwargs.get("num_assistant_tokens") or config.num_assistant_tokens or 20
         if max_new_tokens is not None:
-            return prompt_length + max_new_tokens
-        return max(kwargs.get("max_length", config.max_length) or 0, prompt_length + 1)
+            return prompt_length + max_new_tokens + drafts
+        return max(kwargs.get("max_length", config.max_length) or 0, prompt_length + 1) + drafts
 
 
 def _continue_conversation(history, history_mask, inputs, mask):

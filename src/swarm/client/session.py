@@ -61,6 +61,27 @@ class ServerSession:
     last_outputs: Tensors | None = None  # the tensors of its last reply
     shadow_seen: int = 0  # requests of `history` its shadow has been sent
     owed: int = 0  # requests sent with `Connection.send` whose replies are not read yet
+    crop_to: int | None = None  # the length the server's session is cut to with the next step (see `crop`)
+
+    def crop(self, length: int):
+        """Forgets the positions from `length` on: the server's session drops them with the next step, and
+        failover replays only what is left. A shadow checking this hop starts over."""
+        kept, total = [], 0
+        for request in self.history:
+            positions = request.tensors["hidden_states"].shape[1]
+            if total + positions > length:
+                if total < length:
+                    kept.append(SentRequest(request.step, request.phases, first_positions(request.tensors, positions, length - total)))
+                break
+            kept.append(request)
+            total += positions
+        self.history, self.length, self.crop_to = kept, length, length
+        if self.shadow is not None:
+            self.shadow.close()
+            self.shadow, self.shadow_seen = None, 0
+
+    def _with_crop(self, fields: dict) -> dict:
+        return fields if self.crop_to is None else {**fields, "crop": self.crop_to}
 
     def push_target(self, remote: RemoteBlocks) -> dict:
         """Where the previous hop pushes this hop's next step (see `swarm.server.push`)."""
@@ -71,13 +92,13 @@ class ServerSession:
     def send_await(self, push_to: dict | None, timeout: float):
         """Asks the server to run the next step once the previous hop pushes its inputs (and push it on)."""
         fields = {"method": "step", "session_id": self.session_id, "position": self.length, "await_push": True, "await_timeout": timeout}
-        self.connection.send({**fields, **({"push_to": push_to} if push_to else {})}, {})
+        self.connection.send(self._with_crop({**fields, **({"push_to": push_to} if push_to else {})}), {})
         self.owed += 1
 
     def send_step(self, tensors: Tensors, push_to: dict | None):
         """Sends the server the next step itself (which cancels a step awaiting a push), to push on if `push_to`."""
         fields = {"method": "step", "session_id": self.session_id, "position": self.length}
-        self.connection.send({**fields, **({"push_to": push_to} if push_to else {})}, in_server_dtype(self.hop, tensors))
+        self.connection.send(self._with_crop({**fields, **({"push_to": push_to} if push_to else {})}), in_server_dtype(self.hop, tensors))
         self.owed += 1
 
     def receive_step(self, tensors: Tensors, step: int, timeout: float) -> dict | None:
@@ -98,7 +119,7 @@ class ServerSession:
                 raise BadReplyError(f"{self.hop.server.address} ran one step twice")
             check_hop_reply(self.connection, self.hop, {"method": "step"}, sent, reply_fields, outputs)
             self._check_length(reply_fields, tensors)
-            self.length, self.last_outputs = reply_fields["length"], outputs
+            self.length, self.last_outputs, self.crop_to = reply_fields["length"], outputs, None
             self.history.append(SentRequest(step, None, tensors))
             result = reply_fields
         if stale and result is None:
@@ -113,13 +134,13 @@ class ServerSession:
             raise BadReplyError(f"{self.hop.server.address} says its session holds {reply_fields['length']} positions, not {expected}")
 
     def step(self, remote: RemoteBlocks, tensors: Tensors, phases: Phases, step: int) -> tuple[dict, Tensors]:
-        fields = {"method": "step", "session_id": self.session_id}
+        fields = self._with_crop({"method": "step", "session_id": self.session_id})
         if phases is not None:
             fields["phases"] = list(phases)
         reply = run_hop(self.connection, self.hop, fields, tensors, remote.request_timeout(tokens_of(tensors)))
         if phases is None and "hidden_states" in tensors:  # a pass of new positions: the session grows by them
             self._check_length(reply[0], tensors)
-        self.length, self.last_outputs = reply[0]["length"], reply[1]
+        self.length, self.last_outputs, self.crop_to = reply[0]["length"], reply[1], None
         self.history.append(SentRequest(step, phases, tensors))
         return reply
 
@@ -181,6 +202,16 @@ class InferenceSession:
         """Reorders the rows of every server's cache at the next step (composes with a pending reorder)."""
         hypo_ids = hypo_ids.long().cpu()
         self._hypo_ids = hypo_ids if self._hypo_ids is None else self._hypo_ids[hypo_ids]
+
+    def crop(self, length: int):
+        """Drops every position from `length` on, on every hop (with the next step): assisted decoding's draft tokens
+        that were not accepted."""
+        if not 0 <= length <= self.position:
+            raise ValueError(f"cannot crop a session of {self.position} positions to {length}")
+        if length < self.position:
+            for server_session in self._server_sessions:
+                server_session.crop(length)
+            self.position = length
 
     def take_hypo_ids(self) -> torch.Tensor | None:
         hypo_ids, self._hypo_ids = self._hypo_ids, None
@@ -428,6 +459,14 @@ class InferenceSession:
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+def first_positions(tensors: Tensors, positions: int, keep: int) -> Tensors:
+    """A step's tensors cut to its first `keep` of `positions` new positions (what is not per position stays)."""
+    return {
+        name: tensor[:, :keep] if name in PER_POSITION and tensor.ndim >= 2 and tensor.shape[1] == positions else tensor
+        for name, tensor in tensors.items()
+    }
 
 
 def catch_up(requests: list[Tensors]) -> list[Tensors]:

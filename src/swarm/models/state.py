@@ -3,7 +3,8 @@
 A session's state holds the attention caches of its blocks (a transformers `Cache`), how many positions it has
 processed, its batch size, the attention mask of every position so far, and the tensors it keeps from the step
 that sent them (an encoder's output for a decoder, the prompt embeddings for a UNet). Beam search reorders all of
-them at once (`reorder`), and `nbytes` says how much memory the session holds.
+them at once (`reorder`), `crop` drops the positions past a length (draft tokens that assisted decoding did not
+accept), and `nbytes` says how much memory the session holds.
 """
 
 from __future__ import annotations
@@ -47,6 +48,20 @@ class SequenceState:
         if self.attention_mask is not None:
             self.attention_mask = self.attention_mask[hypo_ids.to(self.attention_mask.device)]
         self.kept = {name: tensor[hypo_ids.to(tensor.device)] for name, tensor in self.kept.items()}
+
+    def crop(self, length: int):
+        """Forgets every position from `length` on, as if the steps had stopped there."""
+        require(0 <= length <= self.length, f"crop must be between 0 and the session's {self.length} positions, got {length}")
+        if length == self.length:
+            return
+        cache = self.cache
+        sliding = cache is not None and any(getattr(cache, "is_sliding", None) or [])
+        require(cache is not None and getattr(cache, "is_croppable", False) and not sliding,
+                "this model's session cache cannot drop positions (no assisted decoding for it)")  # fmt: skip
+        cache.crop(length - self.length)
+        if self.attention_mask is not None:
+            self.attention_mask = self.attention_mask[:, :length]
+        self.length = length
 
     def mask_with(self, new_mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor | None:
         """The mask of every position once `tokens` new ones with `new_mask` (None: all ones) join; None while all ones."""

@@ -8,6 +8,7 @@ Requests are `{"method": ..., ...fields}` plus named tensors (see `swarm.wire`):
     step     session_id [phases] + tensors  -> tensors, length  (phases: for a round-trip model, the ones
                                                                   to run, each fed what the previous returned)
     step     session_id position [push_to] [await_push]         -> the same, pushing on (see `swarm.server.push`)
+    step     ... crop                                           -> the same, the session first cut to `crop` positions
     push     session_id position + tensors  -> accepted         (from the previous server of a route)
     close    session_id                     -> closed
     echo                        + tensors   -> the same tensors (measures the transport alone)
@@ -118,8 +119,14 @@ class RequestHandler:
         phases = self._phases(fields)
         position = fields.get("position")
         require(position is None or (is_int(position) and position >= 0), f"position must be a non-negative int, got {position!r}")
+        crop = fields.get("crop")
+        require(crop is None or (is_int(crop) and crop >= 0), f"crop must be a non-negative int, got {crop!r}")
         push_to = PushTarget.parse(fields["push_to"]) if "push_to" in fields else None
         require(push_to is None or phases == [None], "push_to is for models that make one pass per step")
+        if crop is not None:
+            require(phases == [None] and hasattr(session.state, "crop"), "crop is for sessions of models that make one pass per step")
+            with session.lock:
+                session.state.crop(crop)
         if fields.get("await_push") is not None:
             require(fields["await_push"] is True and position is not None and not tensors,
                     "await_push is true, with a position and no tensors")  # fmt: skip
@@ -151,8 +158,7 @@ class RequestHandler:
             require(is_int(position) and position >= 0, f"position must be a non-negative int, got {position!r}")
             require(bool(tensors), "a push carries the step's tensors")
             self._check_size(tensors)
-            require(session.state.length == position, f"stale: the session holds {session.state.length} positions, not {position}")
-            require(session.mailbox.put(position, tensors), "another push for this session is waiting")
+            session.mailbox.put(position, tensors)  # the step that takes it checks its position (after any crop)
         except RemoteError as error:
             self.push_counts["refused"] += 1
             logger.info(f"Dropped a push from {context.peer}: {error}")

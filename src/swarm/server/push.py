@@ -15,7 +15,7 @@ dials it with `hello`, so the next server proves it is the peer the client named
 holds the key). A pushing server replies to its client without waiting for the next server (a push has no reply),
 saying whether it could send the push (`pushed`, else `push_error`); a client whose hop could not push sends the
 next hop the step itself, which cancels the wait (the awaiting step answers `push_missing`). A step whose
-`position` is not the session's length is answered `stale`, and such a push dropped, so a step never runs twice.
+`position` is not the session's length (after its `crop`) is answered `stale`, so a step never runs twice.
 """
 
 from __future__ import annotations
@@ -70,14 +70,11 @@ class Mailbox:
         self._condition = threading.Condition()
         self._item: tuple[int, Tensors] | None = None
 
-    def put(self, position: int, tensors: Tensors) -> bool:
-        """Leaves `tensors` for the step at `position`; False if another push already waits."""
+    def put(self, position: int, tensors: Tensors):
+        """Leaves `tensors` for the step at `position`, in place of any push that still waits."""
         with self._condition:
-            if self._item is not None:
-                return False
             self._item = (position, tensors)
             self._condition.notify_all()
-            return True
 
     def take(self, position: int, timeout: float) -> Tensors | None:
         """The pushed inputs of the step at `position`, once they are here (within `timeout`); a push for another
