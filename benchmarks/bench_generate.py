@@ -174,7 +174,7 @@ class PlainEchoServer:
         with sock:
             while True:
                 try:
-                    sock.sendall(receive_exactly(sock, self.message_size))
+                    sock.sendall(receive_exactly(sock, self.message_size, time.monotonic() + 60))
                 except (ConnectionError, OSError):
                     return
 
@@ -207,7 +207,7 @@ def measure_transport(server_address: str, hidden_size: int, rounds: int) -> dic
 
     def plain_echo():
         plain.sendall(payload)
-        receive_exactly(plain, len(payload))
+        receive_exactly(plain, len(payload), time.monotonic() + 60)
 
     try:
         return {
