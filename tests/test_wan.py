@@ -109,3 +109,19 @@ def test_generation_through_servers_behind_proxies_equals_local(tiny_llama, loca
             assert sorted(model.remote.latencies.values())[0] >= 0.020, model.remote.latencies
         finally:
             model.remote.shutdown()
+
+
+@pytest.mark.parametrize("client_delay, relayed", [(0, True), (25, False)], ids=["servers-far-apart", "client-far-away"])
+def test_the_client_relays_links_slower_than_the_way_through_itself(tiny_llama, local_tiny_llama, tmp_path, client_delay, relayed):
+    """Servers 50 ms apart (round trip): with the client next to them, pushing costs more than relaying, and after
+    the first step (which measures the links) the client relays them; with the client 50 ms away, it keeps pushing."""
+    proxy_args = ("--delay-ms", "25", "--delay-from", f"127.0.0.2={client_delay}")
+    with LocalSwarm(tiny_llama, ["0:2", "2:4", "4:5"], log_dir=tmp_path, proxy_args=proxy_args) as swarm:
+        config = ClientConfig(initial_peers=swarm.initial_peers, source_host="127.0.0.2")
+        model = AutoDistributedModel.from_pretrained(tiny_llama, client_config=config)
+        try:
+            assert_same_generation(*generate_both(model, local_tiny_llama, torch.tensor([[3, 4, 5, 6]]), max_new_tokens=6))
+            links = set(model.remote.relayed_links)
+        finally:
+            model.remote.shutdown()
+    assert len(links) == (2 if relayed else 0), links

@@ -34,6 +34,9 @@ from swarm.transport import Connection
 logger = logging.getLogger(__name__)
 
 PER_POSITION = ("hidden_states", "position_ids", "attention_mask")  # what a step holds for each new position
+# A link is relayed once its round trip exceeds RELAY_MARGIN times the two servers' round trips from the client, plus
+# RELAY_SLACK seconds (so that links about as fast as the client's do not flap between the two)
+RELAY_MARGIN, RELAY_SLACK = 1.2, 0.002
 
 
 Phases = tuple[str, ...] | None  # the phases one request runs; None for a model that makes one pass
@@ -270,7 +273,8 @@ class InferenceSession:
     def _push_step(self, current: Tensors) -> tuple[dict, Tensors, Tensors]:
         """One pass down the route, in runs of hops that push to each other (see `swarm.server.push`): the client
         sends the first hop of a run the step and the others a step that awaits its push, then reads every hop's
-        outputs. A hop that could not push to the next makes the client relay between the two from then on; a hop
+        outputs. A hop that could not push to the next, or whose link to it is slower than the way through the client
+        (`push_round_trip` against the client's pings), makes the client relay between the two from then on; a hop
         that fails is replaced (its history replayed, as in relay) and the run goes on from its replacement, which
         pushes to the hop after it (whose step still awaits). Returns the last reply's fields, the last hop's outputs
         and the tensors as they left it."""
@@ -292,8 +296,10 @@ class InferenceSession:
                     reply, outputs = fields, sessions[at].last_outputs
                     current, index = {**current, **outputs}, at + 1
                     if at < end and not fields.get("pushed"):
-                        self._relay_from_now_on(sessions[at], sessions[at + 1], fields.get("push_error"))
+                        self._relay_from_now_on(sessions[at], sessions[at + 1], f"it could not push: {fields.get('push_error')}")
                         break
+                    if at < end and self._relaying_is_faster(sessions[at], sessions[at + 1], fields.get("push_round_trip")):
+                        self._relay_from_now_on(sessions[at], sessions[at + 1], "the way through the client is faster", logging.INFO)
             except Exception as error:
                 if not is_retriable(error):
                     raise
@@ -307,9 +313,18 @@ class InferenceSession:
             end += 1
         return end
 
-    def _relay_from_now_on(self, first: ServerSession, second: ServerSession, reason):
+    def _relaying_is_faster(self, first: ServerSession, second: ServerSession, push_round_trip) -> bool:
+        """Whether the link's one-way delay (half the round trip its server measured) is clearly more than going
+        through the client (half of each server's round trip from here)."""
+        latencies = self.remote.latencies
+        to_first, to_second = latencies.get(first.hop.server.peer_id), latencies.get(second.hop.server.peer_id)
+        if not isinstance(push_round_trip, (int, float)) or push_round_trip < 0 or to_first is None or to_second is None:
+            return False
+        return push_round_trip > RELAY_MARGIN * (to_first + to_second) + RELAY_SLACK
+
+    def _relay_from_now_on(self, first: ServerSession, second: ServerSession, reason: str, level: int = logging.WARNING):
         duration = self.remote.config.relay_duration
-        logger.warning(f"{first.hop.server.address} could not push to {second.hop.server.address} ({reason}): relaying between them for {duration:.0f} s")
+        logger.log(level, f"Relaying from {first.hop.server.address} to {second.hop.server.address} for {duration:.0f} s: {reason}")
         self.remote.relayed_links[(first.hop.server.peer_id, second.hop.server.peer_id)] = time.monotonic() + duration
 
     def _relay_step(self, current: Tensors) -> tuple[dict, Tensors, Tensors]:

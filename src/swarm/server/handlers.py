@@ -147,7 +147,9 @@ class RequestHandler:
             reply, outputs = self.compute.submit(_in_inference_mode, self._step, session, phases, tensors).result()
         problem = self.push_links.push(push_to, {**tensors, **outputs})
         self.push_counts["push_failed" if problem else "pushed"] += 1
-        return {**reply, "pushed": problem is None, **({"push_error": problem} if problem else {})}, outputs
+        if problem:
+            return {**reply, "pushed": False, "push_error": problem}, outputs
+        return {**reply, "pushed": True, "push_round_trip": self.push_links.round_trip(push_to)}, outputs
 
     def rpc_push(self, fields, tensors, context) -> None:
         """Leaves a pushed step's inputs for the step that awaits them; a push has no reply (see `swarm.server.push`),

@@ -13,7 +13,8 @@ between hops: a step costs one delay per link of the chain instead of a round tr
 `push_to` names the next hop: `{"address", "peer_id", "session_id", "position", "dtype", "timeout"}`. A server
 dials it with `hello`, so the next server proves it is the peer the client named (and, in a private swarm, that it
 holds the key). A pushing server replies to its client without waiting for the next server (a push has no reply),
-saying whether it could send the push (`pushed`, else `push_error`); a client whose hop could not push sends the
+saying whether it could send the push: `pushed`, with the link's round trip `push_round_trip` (so that the client
+can relay a link slower than the way through itself), else `push_error`. A client whose hop could not push sends the
 next hop the step itself, which cancels the wait (the awaiting step answers `push_missing`). A step whose
 `position` is not the session's length (after its `crop`) is answered `stale`, so a step never runs twice.
 """
@@ -94,6 +95,7 @@ class PushLinks:
         self.swarm_key = swarm_key
         self.connect_timeout = connect_timeout
         self._connections: dict[tuple[str, str], Connection] = {}
+        self._round_trips: dict[tuple[str, str], float] = {}  # seconds of each link's hello round trip
         self._lock = threading.Lock()
 
     def push(self, target: PushTarget, tensors: Tensors) -> str | None:
@@ -135,8 +137,9 @@ class PushLinks:
         key = (target.address, target.peer_id)
         connection = Connection(target.address, min(self.connect_timeout, max(deadline - time.monotonic(), 1e-3)), TransportLimits())
         try:
-            request = hello_request(self.swarm_key)
+            request, started = hello_request(self.swarm_key), time.perf_counter()
             answer, _ = connection.request(request, timeout=max(deadline - time.monotonic(), 1e-3))
+            round_trip = time.perf_counter() - started
             check_answer(request, answer, target.peer_id, target.address, self.swarm_key)
         except BaseException:
             connection.close()
@@ -147,7 +150,13 @@ class PushLinks:
                 connection.close()
                 return previous
             self._connections[key] = connection
+            self._round_trips[key] = round_trip
         return connection
+
+    def round_trip(self, target: PushTarget) -> float | None:
+        """Seconds of the round trip to the target measured when its link opened (its `hello`), if it is open."""
+        with self._lock:
+            return self._round_trips.get((target.address, target.peer_id))
 
     def _drop(self, target: PushTarget):
         with self._lock:
