@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 PER_POSITION = ("hidden_states", "position_ids", "attention_mask")  # what a step holds for each new position
 # A link is relayed once its round trip exceeds RELAY_MARGIN times the two servers' round trips from the client, plus
 # RELAY_SLACK seconds (so that links about as fast as the client's do not flap between the two)
-RELAY_MARGIN, RELAY_SLACK = 1.2, 0.002
+RELAY_MARGIN, RELAY_SLACK = 1.2, 0.005
 
 
 Phases = tuple[str, ...] | None  # the phases one request runs; None for a model that makes one pass

@@ -13,9 +13,10 @@ between hops: a step costs one delay per link of the chain instead of a round tr
 `push_to` names the next hop: `{"address", "peer_id", "session_id", "position", "dtype", "timeout"}`. A server
 dials it with `hello`, so the next server proves it is the peer the client named (and, in a private swarm, that it
 holds the key). A pushing server replies to its client without waiting for the next server (a push has no reply),
-saying whether it could send the push: `pushed`, with the link's round trip `push_round_trip` (so that the client
-can relay a link slower than the way through itself), else `push_error`. A client whose hop could not push sends the
-next hop the step itself, which cancels the wait (the awaiting step answers `push_missing`). A step whose
+saying whether it could send the push: `pushed`, with the link's round trip `push_round_trip` (an echo timed when
+the link opened, so that the client can relay a link slower than the way through itself), else `push_error`. A
+client whose hop could not push sends the next hop the step itself, which cancels the wait (the awaiting step
+answers `push_missing`). A step whose
 `position` is not the session's length (after its `crop`) is answered `stale`, so a step never runs twice.
 """
 
@@ -137,10 +138,12 @@ class PushLinks:
         key = (target.address, target.peer_id)
         connection = Connection(target.address, min(self.connect_timeout, max(deadline - time.monotonic(), 1e-3)), TransportLimits())
         try:
-            request, started = hello_request(self.swarm_key), time.perf_counter()
+            request = hello_request(self.swarm_key)
             answer, _ = connection.request(request, timeout=max(deadline - time.monotonic(), 1e-3))
-            round_trip = time.perf_counter() - started
             check_answer(request, answer, target.peer_id, target.address, self.swarm_key)
+            started = time.perf_counter()  # the link's round trip: an echo, once the next server serves the link
+            connection.request({"method": "echo"}, timeout=max(deadline - time.monotonic(), 1e-3))
+            round_trip = time.perf_counter() - started
         except BaseException:
             connection.close()
             raise
@@ -154,7 +157,7 @@ class PushLinks:
         return connection
 
     def round_trip(self, target: PushTarget) -> float | None:
-        """Seconds of the round trip to the target measured when its link opened (its `hello`), if it is open."""
+        """Seconds of the round trip to the target measured when its link opened (an echo), if it is open."""
         with self._lock:
             return self._round_trips.get((target.address, target.peer_id))
 
