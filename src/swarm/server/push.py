@@ -121,7 +121,6 @@ class PushLinks:
                 self._drop(target)
                 if kept is None or isinstance(error, PeerTimeoutError) or attempt == 2:
                     return f"unreachable: {error}"
-        return None
 
     def _kept(self, target: PushTarget) -> Connection | None:
         """The open connection to the target, if there is one whose peer has not closed it."""
