@@ -38,7 +38,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from swarm import AutoDistributedModel, transport, wire
+from swarm import AutoDistributedModel, wire
 from swarm.launch import LocalSwarm
 from swarm.tiny_diffusion import TINY_UNET, make_stable_diffusion
 
@@ -78,26 +78,27 @@ def build_pipeline(model: Model, directory: Path) -> Path:
 
 
 class WireCounter:
-    """Counts the bytes the client's connections send and receive, per denoising step."""
+    """Counts the bytes of the frames the client's connections send and receive, per denoising step."""
 
     def __init__(self):
         self.total = 0
-        self._send, self._receive = transport.send_message, transport.receive_exactly
+        self._encode, self._decode = wire.encode, wire.decode
 
     def __enter__(self):
-        def send_message(sock, fields, tensors=None):
-            self.total += sum(len(buffer) for buffer in wire.encode(fields, tensors))
-            return self._send(sock, fields, tensors)
+        def encode(fields, tensors=None):
+            buffers = self._encode(fields, tensors)
+            self.total += sum(len(buffer) for buffer in buffers)
+            return buffers
 
-        def receive_exactly(sock, size):
-            self.total += size
-            return self._receive(sock, size)
+        def decode(header, body):
+            self.total += wire.FRAME_PREFIX.size + len(header) + len(body)
+            return self._decode(header, body)
 
-        transport.send_message, transport.receive_exactly = send_message, receive_exactly
+        wire.encode, wire.decode = encode, decode
         return self
 
     def __exit__(self, *exc_info):
-        transport.send_message, transport.receive_exactly = self._send, self._receive
+        wire.encode, wire.decode = self._encode, self._decode
 
 
 @dataclass

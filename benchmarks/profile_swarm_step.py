@@ -58,8 +58,8 @@ from swarm.server.__main__ import main
 steps = []
 request = {"forward": 0.0}  # the request being served: the profile sends one at a time to each server
 
-def receive_message(sock, _receive=transport.receive_message):
-    fields, tensors = _receive(sock)
+def receive(self, *args, _receive=transport.FrameReader.receive, **kwargs):
+    fields, tensors = _receive(self, *args, **kwargs)
     request.update(received=time.perf_counter(), method=fields.get("method"), forward=0.0)
     return fields, tensors
 
@@ -82,7 +82,7 @@ def rpc_timings(self, fields, tensors, context):
     steps.clear()
     return {"steps": reply}, {}
 
-transport.receive_message, transport.ConnectionContext.reply = receive_message, reply
+transport.FrameReader.receive, transport.ConnectionContext.reply = receive, reply
 DecoderFamily.forward = forward
 handlers.RequestHandler.rpc_timings = rpc_timings
 sys.exit(main(sys.argv[1:]))

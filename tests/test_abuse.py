@@ -23,7 +23,7 @@ from swarm import AutoDistributedModel, wire
 from swarm.errors import BadRequestError, ServerBusyError
 from swarm.launch import LocalSwarm
 from swarm.server.server import raise_open_files_limit
-from swarm.transport import Connection, TransportLimits, receive_message
+from swarm.transport import Connection, FrameReader, TransportLimits
 
 LIMITS = {
     "--max-request-tokens": "64",
@@ -88,7 +88,7 @@ def reply_to(address: str, data: bytes, then_close: bool = False) -> tuple[dict 
         except OSError:  # the server may answer and close before it has read everything
             pass
         try:
-            fields, _ = receive_message(sock, TransportLimits(frame_timeout=10))
+            fields, _ = FrameReader(sock).receive(TransportLimits(frame_timeout=10))
         except (ConnectionError, OSError):
             return None, True
         sock.settimeout(0.5)
@@ -216,7 +216,7 @@ def test_connections_past_the_limit_are_told_busy_and_the_server_recovers(server
             sockets.append(raw_connection(server[0]))
         refused = []
         for sock in sockets[40:]:  # --max-connections 40
-            fields, _ = receive_message(sock, TransportLimits(frame_timeout=10))
+            fields, _ = FrameReader(sock).receive(TransportLimits(frame_timeout=10))
             refused.append(fields["error"])
         assert all(error["kind"] == "Busy" and "at most 40 connections" in error["message"] for error in refused)
     finally:

@@ -41,6 +41,8 @@ Message = tuple[dict[str, Any], dict[str, torch.Tensor]]
 Handler = Callable[[dict[str, Any], dict[str, torch.Tensor], "ConnectionContext"], Message | None]
 
 CHUNK = 1 << 20  # a frame's bytes are received into buffers of at most this size, allocated as they arrive
+READ_AHEAD = 1 << 16  # bytes a connection reads at once when it can (see `FrameReader`)
+PREFIX_SIZE = wire.FRAME_PREFIX.size
 
 
 @dataclass(frozen=True)
@@ -53,63 +55,158 @@ class TransportLimits:
     max_connections: int = 1024  # connections a server serves at once; more are answered "Busy" and closed
 
 
-def receive_exactly(sock: socket.socket, size: int, deadline: float) -> bytearray:
-    """`size` bytes from `sock` by `deadline` (time.monotonic), or `socket.timeout`; buffers of at most `CHUNK`
-    bytes are allocated as the bytes arrive."""
-    chunks, received = [], 0
+def wait_until_ready(sock: socket.socket, events: int, deadline: float, poller: select.poll | None = None):
+    """Returns once `sock` is ready for `events` (`select.POLLIN`, `select.POLLOUT`), or raises `socket.timeout` at
+    `deadline` (time.monotonic)."""
+    if poller is None:
+        poller = select.poll()
+        poller.register(sock, events)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0 or not poller.poll(remaining * 1000):
+        raise socket.timeout("the peer did not send or take the frame in time")
+
+
+def peek(sock: socket.socket) -> bytes | None:
+    """The next byte the peer has sent, left unread; b"" if it has closed the connection (or it is broken), None
+    if it has sent nothing more."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
+def receive_exactly(sock: socket.socket, size: int, deadline: float, head: bytes | bytearray = b"") -> bytearray:
+    """`head` followed by `size` bytes from `sock`, by `deadline` (time.monotonic), or `socket.timeout`; buffers of
+    at most `CHUNK` bytes are allocated as the bytes arrive."""
+    chunks, received = [head] if head else [], 0
     while received < size:
         chunk = bytearray(min(CHUNK, size - received))
         view, filled = memoryview(chunk), 0
         while filled < len(chunk):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("the frame did not arrive in time")
-            sock.settimeout(remaining)
-            count = sock.recv_into(view[filled:], len(chunk) - filled)
+            try:
+                count = sock.recv_into(view[filled:], 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                wait_until_ready(sock, select.POLLIN, deadline)
+                continue
             if count == 0:
                 raise ConnectionError("connection closed by peer")
             filled += count
         chunks.append(chunk)
         received += len(chunk)
-    return chunks[0] if len(chunks) == 1 else bytearray().join(chunks)
+    return chunks[0] if len(chunks) == 1 and not head else bytearray().join(chunks)
 
 
-def receive_message(
-    sock: socket.socket, limits: TransportLimits, first_byte_timeout: float | None = None, deadline: float | None = None
-) -> Message:
-    """One frame: its first byte within `first_byte_timeout` (default: the frame timeout), the whole of it within
-    `limits.frame_timeout` of that, and all of it by `deadline` if given; `ProtocolError` for a frame past
-    `limits.max_message_bytes` or malformed."""
-    first_deadline = time.monotonic() + (first_byte_timeout or limits.frame_timeout)
-    first = receive_exactly(sock, 1, min(first_deadline, deadline or first_deadline))
-    deadline = min(time.monotonic() + limits.frame_timeout, deadline or float("inf"))
-    prefix = bytes(first + receive_exactly(sock, wire.FRAME_PREFIX.size - 1, deadline))
-    header_length, body_length = wire.decode_prefix(prefix)
-    if header_length + body_length > limits.max_message_bytes:
-        raise ProtocolError(f"a frame of {header_length + body_length} bytes exceeds the limit of {limits.max_message_bytes}")
-    header = receive_exactly(sock, header_length, deadline)
-    body = receive_exactly(sock, body_length, deadline)
-    return wire.decode(bytes(header), body)
+class FrameReader:
+    """Reads the frames that arrive on one socket. Each read takes whatever the socket holds, up to `READ_AHEAD`
+    bytes, so a frame of a few KiB (a token's hidden states) usually arrives in one system call; bytes past a
+    frame wait here for the next one. A frame that does not fit is received into buffers allocated as its bytes
+    arrive (`receive_exactly`)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLIN)
+        self._buffer = bytearray(READ_AHEAD)
+        self._view = memoryview(self._buffer)
+        self._start = self._end = 0  # the bytes read but not yet taken: _buffer[_start:_end]
+
+    @property
+    def pending(self) -> int:
+        """Bytes already read from the socket that belong to frames not yet returned."""
+        return self._end - self._start
+
+    def receive(
+        self, limits: TransportLimits, first_byte_timeout: float | None = None, deadline: float | None = None
+    ) -> Message:
+        """One frame: its first byte within `first_byte_timeout` (default: the frame timeout), the whole of it
+        within `limits.frame_timeout` of that, and all of it by `deadline` if given; `ProtocolError` for a frame
+        past `limits.max_message_bytes` or malformed."""
+        if self._start == self._end:
+            first_deadline = time.monotonic() + (first_byte_timeout or limits.frame_timeout)
+            self._fill(min(first_deadline, deadline or first_deadline))
+        deadline = min(time.monotonic() + limits.frame_timeout, deadline or float("inf"))
+        self._fill_to(PREFIX_SIZE, deadline)
+        header_length, body_length = wire.decode_prefix(self._view[self._start : self._start + PREFIX_SIZE])
+        size = header_length + body_length
+        if size > limits.max_message_bytes:
+            raise ProtocolError(f"a frame of {size} bytes exceeds the limit of {limits.max_message_bytes}")
+        if PREFIX_SIZE + size > READ_AHEAD:
+            self._start += PREFIX_SIZE
+            header = bytes(self._take(header_length, deadline))
+            return wire.decode(header, self._take(body_length, deadline))
+        self._fill_to(PREFIX_SIZE + size, deadline)
+        header_start = self._start + PREFIX_SIZE
+        body_start = header_start + header_length
+        self._start = body_start + body_length
+        return wire.decode(bytes(self._view[header_start:body_start]), bytearray(self._view[body_start : self._start]))
+
+    def _fill(self, deadline: float):
+        """Reads what the socket holds (at least a byte) into the free end of the buffer."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        while True:
+            try:
+                count = self.sock.recv_into(self._view[self._end :], 0, socket.MSG_DONTWAIT)
+                break
+            except BlockingIOError:
+                wait_until_ready(self.sock, select.POLLIN, deadline, self._poller)
+        if count == 0:
+            raise ConnectionError("connection closed by peer")
+        self._end += count
+
+    def _fill_to(self, size: int, deadline: float):
+        """Reads until `size` bytes (at most `READ_AHEAD`) are pending, first moving the pending bytes to the front
+        of the buffer if they would not fit where they are."""
+        if self._start + size > READ_AHEAD:
+            pending = bytes(self._view[self._start : self._end])
+            self._buffer[: len(pending)] = pending
+            self._start, self._end = 0, len(pending)
+        while self._end - self._start < size:
+            self._fill(deadline)
+
+    def _take(self, size: int, deadline: float) -> bytearray:
+        """The next `size` bytes of the stream, in a buffer of their own."""
+        taken = min(size, self.pending)
+        head = bytearray(self._view[self._start : self._start + taken])
+        self._start += taken
+        if taken == size:
+            return head
+        return receive_exactly(self.sock, size - taken, deadline, head)
 
 
-def send_message(sock: socket.socket, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None):
+def send_message(
+    sock: socket.socket, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, deadline: float | None = None
+):
+    """Sends a message whole by `deadline` (default: `TransportLimits.frame_timeout` from now), or raises
+    `socket.timeout`."""
     rest = send_what_fits(sock, fields, tensors)
     if rest:
-        sock.sendall(rest)
+        send_rest(sock, rest, deadline or time.monotonic() + TransportLimits.frame_timeout)
 
 
-def send_what_fits(
-    sock: socket.socket, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, flags: int = 0
-) -> bytes:
-    """Sends a message with one `sendmsg` (tensor bytes are not copied); returns the bytes it did not take."""
+def send_what_fits(sock: socket.socket, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> bytes:
+    """Sends what the socket takes at once of a message, with one `sendmsg` that never waits (tensor bytes are not
+    copied); returns the bytes it did not take."""
     buffers = wire.encode(fields, tensors)
     try:
-        sent = sock.sendmsg(buffers, [], flags)
+        sent = sock.sendmsg(buffers, [], socket.MSG_DONTWAIT)
     except BlockingIOError:
         sent = 0
-    if sent == sum(len(buffer) for buffer in buffers):
+    if sent == PREFIX_SIZE + len(buffers[1]) + wire.FRAME_PREFIX.unpack(buffers[0])[1]:
         return b""
     return b"".join(bytes(buffer) for buffer in buffers)[sent:]
+
+
+def send_rest(sock: socket.socket, data: bytes, deadline: float):
+    """Sends `data` whole by `deadline`, or raises `socket.timeout`."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view, socket.MSG_DONTWAIT) :]
+        except BlockingIOError:
+            wait_until_ready(sock, select.POLLOUT, deadline)
 
 
 class ConnectionContext:
@@ -118,28 +215,22 @@ class ConnectionContext:
     def __init__(self, peer: str, sock: socket.socket | None = None):
         self.peer = peer
         self.sock = sock
+        self.reader = FrameReader(sock) if sock is not None else None
         self.on_close: list[Callable[[], None]] = []
         self.unsent = b""  # what `reply` could not send at once, for the connection's own thread to send
         self.greeted = False  # whether the peer has said `hello` (see `swarm.handshake`)
 
     def peer_is_gone(self) -> bool:
         """Whether the peer has closed the connection (a request whose client has gone is not worth computing)."""
-        if self.sock is None:
+        if self.sock is None or self.reader.pending:
             return False
-        try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-            return bool(readable) and self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except (OSError, ValueError):
-            return True
+        return peek(self.sock) == b""
 
     def has_input(self) -> bool:
         """Whether the peer has sent more (or closed the connection) since the request being handled."""
         if self.sock is None:
             return False
-        try:
-            return bool(select.select([self.sock], [], [], 0)[0])
-        except (OSError, ValueError):
-            return True
+        return bool(self.reader.pending) or peek(self.sock) is not None
 
     def reply(self, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None):
         """Sends the reply to the request being handled, from any thread, without ever waiting for the peer:
@@ -149,7 +240,7 @@ class ConnectionContext:
         if self.sock is None:
             return
         try:
-            self.unsent = send_what_fits(self.sock, fields, tensors, socket.MSG_DONTWAIT)
+            self.unsent = send_what_fits(self.sock, fields, tensors)
         except OSError:
             pass  # the connection is gone: its thread finds out at its next read
 
@@ -217,9 +308,10 @@ class TensorServer:
         if refused:
             sock.setblocking(False)
             message = f"this server serves at most {self.limits.max_connections} connections at once"
-            _try_send(sock, {"error": {"kind": ServerBusyError("").kind, "message": message}}, nonblocking=True)
+            _try_send(sock, {"error": {"kind": ServerBusyError("").kind, "message": message}}, wait=False)
             sock.close()
             return
+        sock.settimeout(None)  # blocking mode, whose calls never poll first; each call here says whether to wait
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             threading.Thread(target=self._serve_connection, args=(sock, address), daemon=True).start()
@@ -244,7 +336,7 @@ class TensorServer:
     def _serve_one(self, sock: socket.socket, context: ConnectionContext) -> bool:
         """Serves one request; returns False when the connection should close."""
         try:
-            fields, tensors = receive_message(sock, self.limits, first_byte_timeout=self.limits.idle_timeout)
+            fields, tensors = context.reader.receive(self.limits, first_byte_timeout=self.limits.idle_timeout)
         except (ConnectionError, OSError):  # closed, reset, or too slow (socket.timeout is an OSError)
             return False
         except ProtocolError as error:
@@ -269,21 +361,20 @@ class TensorServer:
         if not unsent:
             return True
         try:
-            sock.sendall(unsent)
+            send_rest(sock, unsent, time.monotonic() + self.limits.frame_timeout)
             return True
         except OSError:
             return False
 
 
 def _try_send(
-    sock: socket.socket, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, nonblocking: bool = False
+    sock: socket.socket, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, wait: bool = True
 ) -> bool:
     try:
-        if nonblocking:
-            send_what_fits(sock, fields, tensors, socket.MSG_DONTWAIT)
-        else:
-            sock.settimeout(TransportLimits.frame_timeout)
+        if wait:
             send_message(sock, fields, tensors)
+        else:
+            send_what_fits(sock, fields, tensors)
         return True
     except OSError:
         return False
@@ -305,7 +396,9 @@ class Connection:
             raise PeerTimeoutError(f"connecting to {address} timed out after {timeout} s") from None
         except (OSError, ValueError) as error:
             raise PeerError(f"cannot connect to {address}: {error}") from None
+        self._sock.settimeout(None)  # blocking mode, whose calls never poll first; each call here says whether to wait
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._reader = FrameReader(self._sock)
         self._lock = threading.Lock()
         self.closed = False
 
@@ -321,11 +414,7 @@ class Connection:
     def peer_closed(self) -> bool:
         """Whether the server has closed its end (nothing it sends unasked is expected)."""
         with self._lock:
-            try:
-                readable = select.select([self._sock], [], [], 0)[0]
-                return bool(readable) and self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-            except (OSError, ValueError):
-                return True
+            return not self._reader.pending and peek(self._sock) == b""
 
     def send(self, fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, timeout: float | None = None):
         """Sends a request whose reply `receive` reads later (replies come in the order of the requests)."""
@@ -341,8 +430,7 @@ class Connection:
         if self.closed:
             raise PeerError(f"connection to {self.address} is closed")
         try:
-            self._sock.settimeout(timeout)
-            send_message(self._sock, fields, tensors)
+            send_message(self._sock, fields, tensors, time.monotonic() + timeout)
         except socket.timeout:
             self.close()
             raise PeerTimeoutError(f"{self.address} did not take a request within {timeout} s") from None
@@ -354,8 +442,7 @@ class Connection:
         if self.closed:
             raise PeerError(f"connection to {self.address} is closed")
         try:
-            self._sock.settimeout(timeout)
-            reply_fields, reply_tensors = receive_message(self._sock, self.limits, timeout, time.monotonic() + timeout)
+            reply_fields, reply_tensors = self._reader.receive(self.limits, timeout, time.monotonic() + timeout)
         except socket.timeout:
             self.close()
             raise PeerTimeoutError(f"{self.address} did not answer within {timeout} s") from None

@@ -34,6 +34,8 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_JSON_DECODER = json.JSONDecoder()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -45,14 +47,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def encode(fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> list[bytes | memoryview]:
     """Builds one frame as a list of buffers, ready for `socket.sendmsg` (tensor bytes are not copied)."""
-    descriptors, buffers = [], []
+    descriptors, buffers, body_length = [], [], 0
     for name, tensor in (tensors or {}).items():
-        tensor = tensor.detach().cpu().contiguous()
+        if tensor.requires_grad or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            tensor = tensor.detach().cpu().contiguous()
         descriptors.append({"name": name, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)})
-        if tensor.numel():
+        if nbytes := tensor.nbytes:
             buffers.append(memoryview(tensor.view(torch.uint8).numpy()).cast("B"))
-    header = json.dumps({**fields, "tensors": descriptors}, separators=(",", ":")).encode()
-    body_length = sum(len(buffer) for buffer in buffers)
+            body_length += nbytes
+    header = _JSON_ENCODER.encode({**fields, "tensors": descriptors}).encode()
     return [FRAME_PREFIX.pack(len(header), body_length), header, *buffers]
 
 
@@ -68,7 +71,7 @@ def decode_prefix(prefix: bytes) -> tuple[int, int]:
 def decode(header_bytes: bytes, body: bytearray) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Parses a header and body into plain fields and tensors, or raises `ProtocolError` saying why."""
     try:
-        fields = json.loads(header_bytes)
+        fields = _JSON_DECODER.decode(header_bytes.decode())
     except (UnicodeDecodeError, ValueError) as error:  # ValueError: bad JSON, or an integer of too many digits
         raise ProtocolError(f"header is not valid JSON: {error}") from None
     except RecursionError:
@@ -81,11 +84,14 @@ def decode(header_bytes: bytes, body: bytearray) -> tuple[dict[str, Any], dict[s
     tensors, offset = {}, 0
     for descriptor in descriptors:
         name, dtype, shape = _check_descriptor(descriptor)
-        nbytes = math.prod(shape) * dtype.itemsize
+        count = math.prod(shape)
+        nbytes = count * dtype.itemsize
         if offset + nbytes > len(body):
             raise ProtocolError(f"tensor {name!r} needs {nbytes} bytes but the body ends at {len(body)}")
-        flat = torch.frombuffer(body, dtype=torch.uint8, count=nbytes, offset=offset) if nbytes else None
-        tensors[name] = flat.view(dtype).reshape(shape) if flat is not None else torch.empty(shape, dtype=dtype)
+        if count:
+            tensors[name] = torch.frombuffer(body, dtype=dtype, count=count, offset=offset).view(shape)
+        else:
+            tensors[name] = torch.empty(shape, dtype=dtype)
         offset += nbytes
     if offset != len(body):
         raise ProtocolError(f"body has {len(body) - offset} bytes that no tensor describes")
@@ -103,8 +109,8 @@ def _check_descriptor(descriptor: Any) -> tuple[str, torch.dtype, list[int]]:
     name, dtype, shape = descriptor.get("name"), descriptor.get("dtype"), descriptor.get("shape")
     if not isinstance(name, str):
         raise ProtocolError("tensor descriptor needs a string 'name'")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ProtocolError(f"tensor {name!r} has unsupported dtype {dtype!r}; supported: {sorted(DTYPES)}")
-    if not isinstance(shape, list) or len(shape) > 8 or not all(is_int(dim) and 0 <= dim < 2**31 for dim in shape):
+    if not isinstance(shape, list) or len(shape) > 8 or not all(type(dim) is int and 0 <= dim < 2**31 for dim in shape):
         raise ProtocolError(f"tensor {name!r} has an invalid shape {shape!r}")
     return name, DTYPES[dtype], shape
