@@ -30,7 +30,7 @@ from swarm.models.checks import require
 from swarm.server.push import MAX_AWAIT_TIMEOUT, PushLinks, PushTarget
 from swarm.server.sessions import Session, SessionManager
 from swarm.spans import BlockSpan
-from swarm.transport import ConnectionContext, Message
+from swarm.transport import Connection, ConnectionContext, Message
 from swarm.wire import dtype_name, is_int
 
 logger = logging.getLogger(__name__)
@@ -139,13 +139,21 @@ class RequestHandler:
             self.push_counts["received"] += 1
         self._check_size(tensors)
         self._wait_for_cache_memory()
+        link = self.push_links.link(push_to) if push_to is not None else None  # connects now, if need be
         with session.lock:
             if position is not None and session.state.length != position:
                 return {"stale": True, "length": session.state.length}, {}
             if push_to is None:
                 return self._compute_and_reply(context, self._step, session, phases, tensors)
-            reply, outputs = self.compute.submit(_in_inference_mode, self._step, session, phases, tensors).result()
-        problem = self.push_links.push(push_to, {**tensors, **outputs})
+            return self._compute_and_reply(context, self._step_and_push, session, tensors, push_to, *link)
+
+    def _step_and_push(
+        self, session: Session, tensors: Tensors, push_to: PushTarget, link: Connection | None, link_problem: str | None
+    ) -> Message:
+        """Runs a step and pushes its inputs and outputs joined on `link` to the next server (from the compute
+        thread, one thread switch sooner than the connection's thread could); the reply says how that went."""
+        reply, outputs = self._step(session, [None], tensors)
+        problem = link_problem or self.push_links.send(push_to, link, {**tensors, **outputs})
         self.push_counts["push_failed" if problem else "pushed"] += 1
         if problem:
             return {**reply, "pushed": False, "push_error": problem}, outputs
@@ -248,11 +256,6 @@ class RequestHandler:
             f"blocks {sub_span} cross a stage boundary; stages are {', '.join(map(str, stages))}",
         )
         return sub_span
-
-
-def _in_inference_mode(compute, *args):
-    with torch.inference_mode():
-        return compute(*args)
 
 
 def _compute_and_reply(context: ConnectionContext, compute, *args):

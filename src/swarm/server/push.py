@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from swarm.errors import PeerTimeoutError, SwarmError
+from swarm.errors import SwarmError
 from swarm.handshake import check_answer, hello_request
 from swarm.models.base import Tensors
 from swarm.models.checks import require
@@ -99,28 +99,34 @@ class PushLinks:
         self._round_trips: dict[tuple[str, str], float] = {}  # seconds of each link's hello round trip
         self._lock = threading.Lock()
 
-    def push(self, target: PushTarget, tensors: Tensors) -> str | None:
-        """Sends `tensors` (floating-point ones in the target's dtype) to the target's session, connecting first if
-        need be, within the target's timeout; None once they are sent, else why they could not be. A push has no
-        reply: the next server runs it in the step that awaits it (or drops it, logging why), and the client reads
-        that step's reply, so the pushing server answers its client without waiting for the next one. A kept
-        connection that the next server has closed (it restarted, say) is replaced once."""
+    def link(self, target: PushTarget) -> tuple[Connection | None, str | None]:
+        """The connection to the target, connecting first if there is none or the next server has closed it (it
+        restarted, say), within the target's timeout; (None, why) if there can be none."""
+        connection = self._kept(target)
+        if connection is not None:
+            return connection, None
+        try:
+            return self._connection(target, time.monotonic() + target.timeout), None
+        except (SwarmError, OSError) as error:
+            return None, f"unreachable: {error}"
+
+    def send(self, target: PushTarget, connection: Connection, tensors: Tensors) -> str | None:
+        """Sends `tensors` (floating-point ones in the target's dtype) on the target's `link`, within the target's
+        timeout; None once they are sent, else why they could not be. A push has no reply: the next server runs it
+        in the step that awaits it (or drops it, logging why), and the client reads that step's reply, so the
+        pushing server answers its client without waiting for the next one. (It returns at once when the socket
+        takes the frame, which a token's hidden states always fit.)"""
         sent = {
             name: tensor.to(target.dtype) if target.dtype is not None and tensor.is_floating_point() else tensor
             for name, tensor in tensors.items()
         }
         fields = {"method": "push", "session_id": target.session_id, "position": target.position}
-        deadline = time.monotonic() + target.timeout
-        for attempt in (1, 2):
-            kept = self._kept(target)
-            try:
-                connection = kept or self._connection(target, deadline)
-                connection.send(fields, sent, timeout=max(deadline - time.monotonic(), 1e-3))
-                return None
-            except (SwarmError, OSError) as error:
-                self._drop(target)
-                if kept is None or isinstance(error, PeerTimeoutError) or attempt == 2:
-                    return f"unreachable: {error}"
+        try:
+            connection.send(fields, sent, timeout=target.timeout)
+            return None
+        except (SwarmError, OSError) as error:
+            self._drop(target)
+            return f"unreachable: {error}"
 
     def _kept(self, target: PushTarget) -> Connection | None:
         """The open connection to the target, if there is one whose peer has not closed it."""
