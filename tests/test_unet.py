@@ -25,6 +25,7 @@ from swarm.spans import BlockSpan
 from swarm.tiny_diffusion import TINY_UNET, make_stable_diffusion
 from swarm.transport import Connection
 from tests.conftest import ATOL
+from tests.test_push import push_counts
 
 HEIGHT, WIDTH = 72, 40  # 9x5 latents: odd, so up blocks upsample to sizes that are not twice their input
 PROMPT = "the fox and the ox"
@@ -221,6 +222,7 @@ def test_image_matches_the_local_pipeline(pipe, local_pipe, scheduler):
         histories.append([len(server_session.history) for server_session in pipeline.unet.active_session._server_sessions])
         return callback_kwargs
 
+    before = push_counts(pipe.unet.remote)
     try:
         image = generate(pipe, num_images_per_prompt=2, callback_on_step_end=record_histories)
         expected = generate(local_pipe, num_images_per_prompt=2)
@@ -228,6 +230,10 @@ def test_image_matches_the_local_pipeline(pipe, local_pipe, scheduler):
         pipe.scheduler = local_pipe.scheduler = original
     assert image.shape == (2, HEIGHT, WIDTH, 3) and image.std() > 0.05
     assert np.abs(image - expected).max() <= ATOL
+    after = push_counts(pipe.unet.remote)
+    for address in after:  # each step: 0:2 pushes its way down on to 2:4, which turns around and pushes back up
+        pushed, received = (after[address][name] - before[address][name] for name in ("pushed", "received"))
+        assert pushed == received == len(histories), f"{address} pushed {pushed} and received {received} of {len(histories)} steps"
     assert len(histories) >= 3 and all(lengths == [2, 1] for lengths in histories), (
         "only the first step, which sent the prompt embeddings, stays in the hops' histories"
     )
@@ -269,14 +275,16 @@ def peer_id(server) -> str:
     return server.wait_for(r"ready: .* peer (\S+)", timeout=1).group(1)
 
 
-def test_servers_dying_between_steps_and_mid_step_keep_the_image(tiny_sd, local_pipe, tmp_path, monkeypatch):
+@pytest.mark.parametrize("push", [True, False], ids=["push", "relay"])
+def test_servers_dying_between_steps_and_mid_step_keep_the_image(tiny_sd, local_pipe, tmp_path, monkeypatch, push):
     """Between steps, the two replicas of blocks 2:4 die one after the other (2:3 + 3:4 take over, the
     turnaround moving to the mid block's own server); then 0:2 dies between its way down and its way back,
-    and 0:1 + 1:2 take over mid-step, replaying that step's way down before its way back."""
+    and 0:1 + 1:2 take over mid-step, replaying that step's way down before its way back. With push, the
+    servers pass the samples to each other down and back up; with relay, the client sends every request."""
     with LocalSwarm(tiny_sd, ["0:2", "2:4", "2:4", "2:3", "3:4", "0:1", "1:2"], log_dir=tmp_path) as swarm:
         first_choices = {peer_id(server) for server in swarm.servers[:3]}  # routes by ping times would vary
         retry = RetryPolicy(max_attempts=5, base_delay=0.05, total_timeout=20)
-        client_config = ClientConfig(retry=retry, pinned_peers=first_choices)
+        client_config = ClientConfig(retry=retry, pinned_peers=first_choices, push=push)
         pipe = AutoDistributedModel.from_pretrained(tiny_sd, initial_peers=swarm.initial_peers, client_config=client_config)
         pipe.set_progress_bar_config(disable=True)
         routes, killed, armed = [], [], []
@@ -294,16 +302,25 @@ def test_servers_dying_between_steps_and_mid_step_keep_the_image(tiny_sd, local_
             armed.append(step == 2)  # during the next step, the first hop dies after its way down
             return callback_kwargs
 
-        step_of_a_hop = ServerSession.step
+        step_of_a_hop, reply_of_a_hop = ServerSession.step, ServerSession.receive_step
 
-        def step_then_die(server_session, remote, tensors, phases, step):
-            reply = step_of_a_hop(server_session, remote, tensors, phases, step)
+        def kill_after_the_way_down(server_session, phases):
             if armed and armed[-1] and phases == ("down",) and server_session.hop.span == BlockSpan(0, 2):
                 armed.append(False)
                 kill(server_session.hop)
+
+        def step_then_die(server_session, remote, tensors, phases, step):
+            reply = step_of_a_hop(server_session, remote, tensors, phases, step)
+            kill_after_the_way_down(server_session, phases)
             return reply
 
-        monkeypatch.setattr(ServerSession, "step", step_then_die)
+        def reply_then_die(server_session, tensors, step, timeout, phases=None):
+            reply = reply_of_a_hop(server_session, tensors, step, timeout, phases)
+            kill_after_the_way_down(server_session, phases)
+            return reply
+
+        monkeypatch.setattr(ServerSession, "step", step_then_die)  # relay
+        monkeypatch.setattr(ServerSession, "receive_step", reply_then_die)  # push
         try:
             image = generate(pipe, steps=4, callback_on_step_end=kill_between_steps)
         finally:

@@ -9,9 +9,10 @@ A step makes one pass over the route, or, for a model with two phases (a UNet), 
 
     hop 0 (out) -> hop 1 (out) -> ... -> last hop (out and back, one request) -> ... -> hop 1 (back) -> hop 0 (back)
 
-Hops remember both kinds of request, and a lost hop's replacement replays them the same way. A caller
-may say that a step leaves nothing the next steps need (`keeps_state=False`: a denoising step, whose
-skip tensors live only until its way back), or that it replaces everything before it
+By default servers pass each step on to the next (`swarm.server.push`), down the route and for a round trip back
+up; the client reads every hop's reply. Hops remember both kinds of request, and a lost hop's replacement replays
+them the same way. A caller may say that a step leaves nothing the next steps need (`keeps_state=False`: a
+denoising step, whose skip tensors live only until its way back), or that it replaces everything before it
 (`resets_state=True`: new conditioning); failover then replays only what the servers' state depends on.
 """
 
@@ -64,6 +65,7 @@ class ServerSession:
     last_outputs: Tensors | None = None  # the tensors of its last reply
     shadow_seen: int = 0  # requests of `history` its shadow has been sent
     owed: int = 0  # requests sent with `Connection.send` whose replies are not read yet
+    requests: int = 0  # steps the server's session has run (a round-trip model's steps name their position so)
     crop_to: int | None = None  # the length the server's session is cut to with the next step (see `crop`)
 
     def crop(self, length: int):
@@ -86,29 +88,36 @@ class ServerSession:
     def _with_crop(self, fields: dict) -> dict:
         return fields if self.crop_to is None else {**fields, "crop": self.crop_to}
 
-    def push_target(self, remote: RemoteBlocks) -> dict:
-        """Where the previous hop pushes this hop's next step (see `swarm.server.push`)."""
+    def push_target(self, remote: RemoteBlocks, position: int | None = None) -> dict:
+        """Where the previous hop pushes this hop's step at `position` (by default its next one; see
+        `swarm.server.push`)."""
         server = self.hop.server
+        position = self.length if position is None else position
         return {"address": server.address, "peer_id": server.peer_id, "session_id": self.session_id,
-                "position": self.length, "dtype": server.dtype, "timeout": remote.config.push_timeout}  # fmt: skip
+                "position": position, "dtype": server.dtype, "timeout": remote.config.push_timeout}  # fmt: skip
 
-    def send_await(self, push_to: dict | None, timeout: float):
-        """Asks the server to run the next step once the previous hop pushes its inputs (and push it on)."""
-        fields = {"method": "step", "session_id": self.session_id, "position": self.length, "await_push": True, "await_timeout": timeout}
+    def send_await(self, push_to: dict | None, timeout: float, phases: Phases = None, position: int | None = None):
+        """Asks the server to run the step at `position` (by default its next one) once the previous hop pushes its
+        inputs (and push it on)."""
+        fields = {"method": "step", "session_id": self.session_id, "position": self.length if position is None else position,
+                  "await_push": True, "await_timeout": timeout, **({"phases": list(phases)} if phases else {})}  # fmt: skip
         self.connection.send(self._with_crop({**fields, **({"push_to": push_to} if push_to else {})}), {})
         self.owed += 1
 
-    def send_step(self, tensors: Tensors, push_to: dict | None):
-        """Sends the server the next step itself (which cancels a step awaiting a push), to push on if `push_to`."""
-        fields = {"method": "step", "session_id": self.session_id, "position": self.length}
+    def send_step(self, tensors: Tensors, push_to: dict | None, phases: Phases = None, position: int | None = None):
+        """Sends the server the step at `position` (by default its next one) itself, which cancels a step awaiting a
+        push, to push on if `push_to`."""
+        fields = {"method": "step", "session_id": self.session_id, "position": self.length if position is None else position,
+                  **({"phases": list(phases)} if phases else {})}  # fmt: skip
         self.connection.send(self._with_crop({**fields, **({"push_to": push_to} if push_to else {})}), in_server_dtype(self.hop, tensors))
         self.owed += 1
 
-    def receive_step(self, tensors: Tensors, step: int, timeout: float) -> dict | None:
+    def receive_step(self, tensors: Tensors, step: int, timeout: float, phases: Phases = None) -> dict | None:
         """Reads every reply the connection owes; returns the fields of the one that ran the step whose inputs are
         `tensors` (recorded as `step` records a step), or None if none did (no push came). A server that ran the
         step twice, or says it ran it without sending its outputs, sent a bad reply."""
         sent, result, stale = in_server_dtype(self.hop, tensors), None, False
+        asked = {"method": "step", **({"phases": list(phases)} if phases else {})}
         while self.owed:
             reply_fields, outputs = self.connection.receive(timeout)
             self.owed -= 1
@@ -120,10 +129,12 @@ class ServerSession:
             if result is not None:
                 self.connection.close()
                 raise BadReplyError(f"{self.hop.server.address} ran one step twice")
-            check_hop_reply(self.connection, self.hop, {"method": "step"}, sent, reply_fields, outputs)
-            self._check_length(reply_fields, tensors)
+            check_hop_reply(self.connection, self.hop, asked, sent, reply_fields, outputs)
+            if phases is None:
+                self._check_length(reply_fields, tensors)
             self.length, self.last_outputs, self.crop_to = reply_fields["length"], outputs, None
-            self.history.append(SentRequest(step, None, tensors))
+            self.history.append(SentRequest(step, phases, tensors))
+            self.requests += 1
             result = reply_fields
         if stale and result is None:
             self.connection.close()
@@ -137,6 +148,10 @@ class ServerSession:
             raise BadReplyError(f"{self.hop.server.address} says its session holds {reply_fields['length']} positions, not {expected}")
 
     def step(self, remote: RemoteBlocks, tensors: Tensors, phases: Phases, step: int) -> tuple[dict, Tensors]:
+        if self.owed:  # a step awaiting a push is outstanding: this one cancels it, and its reply comes first
+            position = self.length if phases is None else self.requests
+            self.send_step(tensors, None, phases, position)
+            return self.receive_step(tensors, step, remote.request_timeout(tokens_of(tensors)), phases), self.last_outputs
         fields = self._with_crop({"method": "step", "session_id": self.session_id})
         if phases is not None:
             fields["phases"] = list(phases)
@@ -145,6 +160,7 @@ class ServerSession:
             self._check_length(reply[0], tensors)
         self.length, self.last_outputs, self.crop_to = reply[0]["length"], reply[1], None
         self.history.append(SentRequest(step, phases, tensors))
+        self.requests += 1
         return reply
 
     def close(self):
@@ -258,17 +274,22 @@ class InferenceSession:
     def _step(self, tensors: Tensors, keeps_state: bool, resets_state: bool) -> Tensors:
         current = {name: tensor for name, tensor in tensors.items() if tensor is not None}
         caller_dtypes = {name: tensor.dtype for name, tensor in current.items()}
-        reply, outputs, current = self._push_step(current) if self._pushes() else self._relay_step(current)
+        if not self._pushes():
+            reply, outputs, current = self._relay_step(current)
+        elif self.phases:
+            reply, outputs, current = self._push_round_trip(current)
+        else:
+            reply, outputs, current = self._push_step(current)
         self._forget(keeps_state, resets_state)
         self.steps += 1
         self.position = reply["length"]
         return {name: current[name].to(caller_dtypes.get(name, current[name].dtype)) for name in outputs}
 
     def _pushes(self) -> bool:
-        """Whether steps go down the route by server-to-server push: for a model that makes one pass per step, over
-        two hops or more, unless spot checks are on (a hop's output is checked before the next hop runs on it)."""
+        """Whether steps go along the route by server-to-server push: over two hops or more, unless spot checks are
+        on (a hop's output is checked before the next hop runs on it)."""
         config = self.remote.config
-        return config.push and not self.phases and self.remote.verifier is None and len(self._server_sessions) > 1
+        return config.push and self.remote.verifier is None and len(self._server_sessions) > 1
 
     def _push_step(self, current: Tensors) -> tuple[dict, Tensors, Tensors]:
         """One pass down the route, in runs of hops that push to each other (see `swarm.server.push`): the client
@@ -304,6 +325,69 @@ class InferenceSession:
                 if not is_retriable(error):
                     raise
                 self._replace(at, error, budget)
+        return reply, outputs, current
+
+    def _push_round_trip(self, current: Tensors) -> tuple[dict, Tensors, Tensors]:
+        """A round trip (a UNet's way down and back up) by push: each request of the trip (`plan_requests`) pushes
+        its result to the hop of the next, the last hop turning around in one request, and the client reads every
+        reply (each hop's outputs, for failover's replays). A hop awaits one push at a time, so the client asks for
+        a hop's way back once it has read its way down. A hop that could not push, or a link the client relays,
+        makes the client relay the rest of the trip (a step it sends a hop cancels that hop's wait); a hop that
+        fails is replaced as in relay and the whole trip relayed again (a way down that runs again rebuilds what it
+        leaves on its server). Returns the last reply's fields, the last hop's outputs and the tensors it returned."""
+        remote, sessions, started = self.remote, self._server_sessions, current
+        plan = plan_requests(len(sessions), self.phases, self.phases)
+        peers = [sessions[index].hop.server.peer_id for index, _ in plan]
+        if any(remote.relayed_links.get(link, 0.0) > time.monotonic() for link in zip(peers, peers[1:])):
+            return self._relay_step(current)
+        positions, counts = [], {}
+        for index, _ in plan:
+            positions.append(counts.get(index, sessions[index].requests))
+            counts[index] = positions[-1] + 1
+        targets = [sessions[index].push_target(remote, position) for (index, _), position in zip(plan[1:], positions[1:])]
+        targets.append(None)
+        timeout = remote.request_timeout(tokens_of(current)) + remote.config.push_timeout  # a hop pushes, then replies
+        await_timeout = timeout * len(plan)
+        reply, outputs, relay_from, failing = {}, {}, len(plan), plan[0][0]
+        try:
+            for at, (index, phases) in enumerate(plan[1:], 1):
+                if plan[at - 1][0] < index:  # the hop's first request of the trip (its way down)
+                    failing = index
+                    sessions[index].send_await(targets[at], await_timeout, phases, positions[at])
+            failing = plan[0][0]
+            sessions[failing].send_step(current, targets[0], plan[0][1], positions[0])
+            for at, (index, phases) in enumerate(plan):
+                failing = index
+                fields = sessions[index].receive_step(current, self.steps, timeout * (at + 1), phases)
+                if fields is None:  # its push never came
+                    relay_from = at
+                    break
+                reply, outputs = fields, sessions[index].last_outputs
+                current = outputs if self._goes_back(phases) else {**current, **outputs}
+                if at + 1 == len(plan):
+                    break
+                after = sessions[plan[at + 1][0]]
+                if not fields.get("pushed"):
+                    self._relay_from_now_on(sessions[index], after, f"it could not push: {fields.get('push_error')}")
+                    relay_from = at + 1
+                    break
+                if self._relaying_is_faster(sessions[index], after, fields.get("push_round_trip")):
+                    self._relay_from_now_on(sessions[index], after, "the way through the client is faster", logging.INFO)
+                way_back = next((later for later in range(at + 1, len(plan)) if plan[later][0] == index), None)
+                if way_back is not None:
+                    sessions[index].send_await(targets[way_back], await_timeout, plan[way_back][1], positions[way_back])
+            for at in range(relay_from, len(plan)):
+                index, phases = plan[at]
+                failing = index
+                sessions[index].send_step(current, None, phases, positions[at])
+                reply = sessions[index].receive_step(current, self.steps, timeout, phases)
+                outputs = sessions[index].last_outputs
+                current = outputs if self._goes_back(phases) else {**current, **outputs}
+        except Exception as error:
+            if not is_retriable(error):
+                raise
+            self._replace(failing, error, remote.config.retry.start())
+            return self._relay_step(started)
         return reply, outputs, current
 
     def _run_end(self, index: int) -> int:

@@ -7,7 +7,9 @@ Requests are `{"method": ..., ...fields}` plus named tensors (see `swarm.wire`):
     open     start, end, max_length         -> session_id
     step     session_id [phases] + tensors  -> tensors, length  (phases: for a round-trip model, the ones
                                                                   to run, each fed what the previous returned)
-    step     session_id position [push_to] [await_push]         -> the same, pushing on (see `swarm.server.push`)
+    step     session_id position [push_to] [await_push]         -> the same, pushing on (see `swarm.server.push`);
+                                                                  position: the session's length, or for a
+                                                                  round-trip model the steps it has run
     step     ... crop                                           -> the same, the session first cut to `crop` positions
     push     session_id position + tensors  -> accepted         (from the previous server of a route)
     close    session_id                     -> closed
@@ -122,7 +124,6 @@ class RequestHandler:
         crop = fields.get("crop")
         require(crop is None or (is_int(crop) and crop >= 0), f"crop must be a non-negative int, got {crop!r}")
         push_to = PushTarget.parse(fields["push_to"]) if "push_to" in fields else None
-        require(push_to is None or phases == [None], "push_to is for models that make one pass per step")
         if crop is not None:
             require(phases == [None] and hasattr(session.state, "crop"), "crop is for sessions of models that make one pass per step")
             with session.lock:
@@ -141,19 +142,33 @@ class RequestHandler:
         self._wait_for_cache_memory()
         link = self.push_links.link(push_to) if push_to is not None else None  # connects now, if need be
         with session.lock:
-            if position is not None and session.state.length != position:
+            if position is not None and self._position(session) != position:
                 return {"stale": True, "length": session.state.length}, {}
             if push_to is None:
                 return self._compute_and_reply(context, self._step, session, phases, tensors)
-            return self._compute_and_reply(context, self._step_and_push, session, tensors, push_to, *link)
+            return self._compute_and_reply(context, self._step_and_push, session, phases, tensors, push_to, *link)
+
+    def _position(self, session: Session) -> int:
+        """Where a session stands, as steps' `position` names it: its length, or for a round-trip model (whose state
+        holds no positions) the requests it has run."""
+        return session.requests if self.family.phases(self.loaded.config) else session.state.length
 
     def _step_and_push(
-        self, session: Session, tensors: Tensors, push_to: PushTarget, link: Connection | None, link_problem: str | None
+        self,
+        session: Session,
+        phases: list[str | None],
+        tensors: Tensors,
+        push_to: PushTarget,
+        link: Connection | None,
+        link_problem: str | None,
     ) -> Message:
-        """Runs a step and pushes its inputs and outputs joined on `link` to the next server (from the compute
-        thread, one thread switch sooner than the connection's thread could); the reply says how that went."""
-        reply, outputs = self._step(session, [None], tensors)
-        problem = link_problem or self.push_links.send(push_to, link, {**tensors, **outputs})
+        """Runs a step and pushes on (from the compute thread, one thread switch sooner than the connection's
+        thread could) what the client would have sent the next request: its inputs and outputs joined, or on the
+        way back of a round trip its outputs alone. The reply says how the push went."""
+        reply, outputs = self._step(session, phases, tensors)
+        declared = self.family.phases(self.loaded.config)
+        pushed = outputs if declared and declared[-1] in phases else {**tensors, **outputs}
+        problem = link_problem or self.push_links.send(push_to, link, pushed)
         self.push_counts["push_failed" if problem else "pushed"] += 1
         if problem:
             return {**reply, "pushed": False, "push_error": problem}, outputs
@@ -224,6 +239,7 @@ class RequestHandler:
         for phase in phases:
             self.family.check_inputs(self.loaded, tensors, session.state, session.max_length, session.span, phase)
             tensors = self.family.forward(self.loaded, session.span, tensors, session.state, phase)
+        session.requests += 1
         return {"length": session.state.length}, tensors
 
     def _compute_and_reply(self, context: ConnectionContext, compute, *args):

@@ -4,7 +4,9 @@ The client sends a step to the first server of a run of hops and, to each of the
 inputs (`await_push`); each server, once it has computed, pushes its inputs and outputs joined (what the client
 would have sent the next hop) to the next server and replies to the client with its outputs. The client so gets
 every hop's outputs (for failover's replays) while the hidden states go down the route without coming back to it
-between hops: a step costs one delay per link of the chain instead of a round trip per server.
+between hops: a step costs one delay per link of the chain instead of a round trip per server. A round-trip model
+(a UNet) pushes down the route, the last hop turns around, and the way back pushes its outputs alone from hop to
+hop up to the first; a step's `position` is then the number of steps its session has run.
 
     step  session_id position [push_to] + tensors       from the client: run this step, then push it on
     step  session_id position await_push [push_to]      from the client: run the step the previous server pushes

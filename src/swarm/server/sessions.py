@@ -29,6 +29,7 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one step at a time
     mailbox: Mailbox = field(default_factory=Mailbox)  # inputs the previous server of the route pushed
+    requests: int = 0  # steps it has run (a round-trip model's steps name their position so)
 
 
 class SessionManager:
