@@ -18,7 +18,9 @@ Requests are `{"method": ..., ...fields}` plus named tensors (see `swarm.wire`):
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -128,25 +130,45 @@ class RequestHandler:
             require(phases == [None] and hasattr(session.state, "crop"), "crop is for sessions of models that make one pass per step")
             with session.lock:
                 session.state.crop(crop)
-        if fields.get("await_push") is not None:
+        awaits = fields.get("await_push") is not None
+        if awaits:
             require(fields["await_push"] is True and position is not None and not tensors,
                     "await_push is true, with a position and no tensors")  # fmt: skip
             timeout = fields.get("await_timeout", 60.0)
             require(isinstance(timeout, (int, float)) and 0 < timeout <= MAX_AWAIT_TIMEOUT,
                     f"await_timeout must be in (0, {MAX_AWAIT_TIMEOUT:g}] seconds, got {timeout!r}")  # fmt: skip
-            tensors = self._await_push(session, position, context, timeout)
-            if tensors is None:
-                return {"push_missing": True}, {}
-            self.push_counts["received"] += 1
-        self._check_size(tensors)
         self._wait_for_cache_memory()
         link = self.push_links.link(push_to) if push_to is not None else None  # connects now, if need be
-        with session.lock:
+        run = functools.partial(self._run_step, context, session, phases, position, push_to, link)
+        if awaits:
+            return self._await_push(session, position, context, timeout, run)
+        return self.compute.submit(run, tensors).result()
+
+    def _run_step(
+        self,
+        context: ConnectionContext,
+        session: Session,
+        phases: list[str | None],
+        position: int | None,
+        push_to: PushTarget | None,
+        link: tuple[Connection | None, str | None] | None,
+        tensors: Tensors,
+    ):
+        """On the compute thread: runs a step (and pushes it on) and sends its reply from there, one thread switch
+        sooner than the connection's thread could. A step whose `position` is not where the session stands is
+        answered `stale`; an error reaches the connection's thread unsent, for the transport to answer with."""
+        if context.peer_is_gone():
+            logger.info(f"Dropped a request from {context.peer}: its client has gone")
+            return
+        self._check_size(tensors)
+        with session.lock, torch.inference_mode():
             if position is not None and self._position(session) != position:
-                return {"stale": True, "length": session.state.length}, {}
-            if push_to is None:
-                return self._compute_and_reply(context, self._step, session, phases, tensors)
-            return self._compute_and_reply(context, self._step_and_push, session, phases, tensors, push_to, *link)
+                reply = {"stale": True, "length": session.state.length}, {}
+            elif push_to is None:
+                reply = self._step(session, phases, tensors)
+            else:
+                reply = self._step_and_push(session, phases, tensors, push_to, *link)
+        context.reply(*reply)
 
     def _position(self, session: Session) -> int:
         """Where a session stands, as steps' `position` names it: its length, or for a round-trip model (whose state
@@ -188,17 +210,27 @@ class RequestHandler:
             self.push_counts["refused"] += 1
             logger.info(f"Dropped a push from {context.peer}: {error}")
 
-    def _await_push(self, session: Session, position: int, context: ConnectionContext, timeout: float) -> Tensors | None:
-        """The inputs the previous server pushes for the step at `position`; None if none came within `timeout` or
-        the client sent something else meanwhile (a step of its own, which replaces the push)."""
+    def _await_push(self, session: Session, position: int, context: ConnectionContext, timeout: float, run) -> Message | None:
+        """Runs `run` on the compute thread with the inputs the previous server pushes for the step at `position`:
+        the push's own thread hands them over, without waking this one. Answers `push_missing` if none came within
+        `timeout` or the client sent something else meanwhile (a step of its own, which replaces the push)."""
+        arrived, started = threading.Event(), []
+
+        def on_push(tensors: Tensors):
+            started.append(self.compute.submit(run, tensors))
+            arrived.set()
+
+        tensors = session.mailbox.expect(position, on_push)
+        if tensors is not None:
+            on_push(tensors)
         deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            tensors = session.mailbox.take(position, min(AWAIT_POLL, remaining))
-            if tensors is not None:
-                return tensors
-            if context.has_input():
-                return None
-        return None
+        while not arrived.wait(min(AWAIT_POLL, max(deadline - time.monotonic(), 0.0))):
+            if context.has_input() or time.monotonic() >= deadline:
+                if session.mailbox.cancel(position):
+                    return {"push_missing": True}, {}
+                arrived.wait()  # the push came meanwhile, and is handing its inputs over
+        self.push_counts["received"] += 1
+        return started[0].result()
 
     def rpc_close(self, fields, tensors, context) -> Message:
         session_id = fields.get("session_id")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -68,27 +68,43 @@ class PushTarget:
 
 
 class Mailbox:
-    """A session's inputs that the previous server pushed, until the step that awaits them takes them."""
+    """Where a session's pushed inputs meet the step that awaits them. A step that comes first leaves a callback,
+    which the push runs from its own thread: the step starts without waking the thread that awaits it."""
 
     def __init__(self):
-        self._condition = threading.Condition()
-        self._item: tuple[int, Tensors] | None = None
+        self._lock = threading.Lock()
+        self._item: tuple[int, Tensors] | None = None  # a push no step has taken yet
+        self._waiting: tuple[int, Callable[[Tensors], None]] | None = None  # the step that awaits its push
 
     def put(self, position: int, tensors: Tensors):
-        """Leaves `tensors` for the step at `position`, in place of any push that still waits."""
-        with self._condition:
-            self._item = (position, tensors)
-            self._condition.notify_all()
+        """Hands `tensors` to the step at `position` if it awaits them, else leaves them for it (in place of any push
+        that still waits)."""
+        with self._lock:
+            waiting = self._waiting
+            if waiting is not None and waiting[0] == position:
+                self._waiting = None
+            else:
+                self._item, waiting = (position, tensors), None
+        if waiting is not None:
+            waiting[1](tensors)
 
-    def take(self, position: int, timeout: float) -> Tensors | None:
-        """The pushed inputs of the step at `position`, once they are here (within `timeout`); a push for another
-        position is dropped."""
-        with self._condition:
-            self._condition.wait_for(lambda: self._item is not None, timeout)
+    def expect(self, position: int, callback: Callable[[Tensors], None]) -> Tensors | None:
+        """The pushed inputs of the step at `position` if they are here; else None, and `callback` is left for its
+        push to run with them. A push for another position that waits here is dropped."""
+        with self._lock:
             item, self._item = self._item, None
-        if item is None or item[0] != position:
+            if item is not None and item[0] == position:
+                return item[1]
+            self._waiting = (position, callback)
             return None
-        return item[1]
+
+    def cancel(self, position: int) -> bool:
+        """Withdraws the callback of the step at `position`; False if its push has already run it."""
+        with self._lock:
+            if self._waiting is not None and self._waiting[0] == position:
+                self._waiting = None
+                return True
+            return False
 
 
 class PushLinks:
