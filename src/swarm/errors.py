@@ -143,12 +143,13 @@ class VerificationError(SwarmUnavailableError):
 class MissingBlocksError(SwarmUnavailableError):
     """No server in the swarm covers some blocks of the model."""
 
-    def __init__(self, model_name: str, missing_blocks: list[int], waited: float):
+    def __init__(self, model_name: str, missing_blocks: list[int], waited: float, min_precision: str | None = None):
         self.model_name = model_name
         self.missing_blocks = missing_blocks
         spans = ", ".join(f"[{start}, {end})" for start, end in _ranges(missing_blocks))
+        precision = f" in {min_precision} or more precise weights (min_precision)" if min_precision else ""
         super().__init__(
-            f"No server in the swarm serves blocks {spans} of model {model_name!r} "
+            f"No server in the swarm serves blocks {spans} of model {model_name!r}{precision} "
             f"(waited {waited:.1f} s). Start servers for these blocks or check --initial-peers."
         )
 

@@ -27,6 +27,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
 from swarm.identity import Identity, key_id, signed_by
+from swarm.quantization import QUANT_TYPES
 from swarm.spans import BlockSpan
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ class ServerRecord:
     throughput: float  # tokens per second the server expects to process through its whole span
     version: str  # swarm version of the server
     address: str  # "host:port" of its tensor transport
-    dtype: str  # dtype of the hidden states it takes and returns
+    dtype: str  # dtype of the hidden states it takes and returns, and of its weights unless quantized
+    quant_type: str = "none"  # "int8" or "nf4" if its blocks' linear layers are quantized (`swarm.quantization`)
     public_key: str = ""  # hex of its identity's Ed25519 public key, whose `key_id` is `peer_id`
     signed_at: float = 0.0  # seconds since the epoch when it signed the record, by its clock
     signature: str = ""  # hex of its signature of `payload()`
@@ -105,6 +107,7 @@ class ServerRecord:
             and isinstance(record.address, str)
             and ":" in record.address
             and isinstance(record.dtype, str)
+            and record.quant_type in QUANT_TYPES
             and isinstance(record.public_key, str)
             and isinstance(record.signed_at, (int, float))
             and isinstance(record.signature, str)

@@ -33,6 +33,7 @@ from swarm.errors import (
 from swarm.handshake import check_answer, hello_request
 from swarm.models.base import LAYER_OUTPUT
 from swarm.network import start_dht
+from swarm.quantization import PRECISION_BITS
 from swarm.records import ServerRecord, fetch_records
 from swarm.spans import BlockSpan
 from swarm.transport import Connection, TransportLimits
@@ -88,6 +89,7 @@ class RemoteBlocks:
             latencies=dict(self.latencies),
             excluded=banned | set(self.config.excluded_peers),
             pinned=set(self.config.pinned_peers),
+            min_bits=PRECISION_BITS[self.config.min_precision] if self.config.min_precision else 0,
         )
 
     def wait_for_coverage(self, span: BlockSpan, timeout: float | None = None) -> None:
@@ -99,7 +101,7 @@ class RemoteBlocks:
         while missing := missing_blocks(self.records_by_block, span, self.preferences()):
             waited = time.monotonic() - started
             if waited >= timeout:
-                raise MissingBlocksError(self.model_name, missing, waited)
+                raise MissingBlocksError(self.model_name, missing, waited, self.config.min_precision)
             time.sleep(min(self.config.poll_period, timeout - waited))
             self.fetch_records()
 

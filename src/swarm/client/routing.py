@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
+from swarm.quantization import PRECISION_BITS, precision_of
 from swarm.records import ServerRecord, ServerState
 from swarm.spans import BlockSpan
 
@@ -33,14 +34,16 @@ class RoutingPreferences:
     latencies: dict[str, float] = field(default_factory=dict)  # peer id -> measured round trip, seconds
     excluded: set[str] = field(default_factory=set)  # peer ids never to use (banned or excluded by the user)
     pinned: set[str] = field(default_factory=set)  # peer ids to use wherever they cover a block
+    min_bits: int = 0  # bits per weight a server must hold its blocks in at least (`ClientConfig.min_precision`)
 
 
 def usable_servers(records_by_block: list[list[ServerRecord]], preferences: RoutingPreferences) -> list[ServerRecord]:
-    """Online servers that are not excluded, each once."""
+    """Online servers that are not excluded and hold their weights precisely enough, each once."""
     servers = {}
     for records in records_by_block:
         for record in records:
-            if record.state == ServerState.ONLINE and record.peer_id not in preferences.excluded:
+            bits = PRECISION_BITS.get(precision_of(record.dtype, record.quant_type), 0)
+            if record.state == ServerState.ONLINE and record.peer_id not in preferences.excluded and bits >= preferences.min_bits:
                 servers[record.peer_id] = record
     return list(servers.values())
 

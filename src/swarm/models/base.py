@@ -30,6 +30,7 @@ from torch import nn
 from swarm.checkpoint import CheckpointIndex
 from swarm.errors import ConfigurationError
 from swarm.models.state import SequenceState
+from swarm.quantization import quantize_linears
 from swarm.spans import BlockSpan
 
 Tensors = dict[str, torch.Tensor]
@@ -49,6 +50,7 @@ class LoadedSpan:
     device: torch.device
     helpers: dict[str, nn.Module] = field(default_factory=dict)  # weightless modules shared by blocks
     fast_path: bool = False  # blocks run through the family's fast path, found identical when loaded
+    quant_type: str = "none"  # how the blocks' linear layers hold their weights (see `swarm.quantization`)
 
     def blocks_of(self, sub_span: BlockSpan) -> list[nn.Module]:
         return list(self.blocks[sub_span.start - self.span.start : sub_span.end - self.span.start])
@@ -180,9 +182,17 @@ class ModelFamily(ABC):
 
 
 def load_span(
-    family: ModelFamily, config, checkpoint: CheckpointIndex, span: BlockSpan, dtype: torch.dtype, device, progress=None
+    family: ModelFamily,
+    config,
+    checkpoint: CheckpointIndex,
+    span: BlockSpan,
+    dtype: torch.dtype,
+    device,
+    progress=None,
+    quant_type: str = "none",
 ) -> LoadedSpan:
-    """Builds blocks `span` with empty weights and fills them with their checkpoint tensors only."""
+    """Builds blocks `span` with empty weights and fills them with their checkpoint tensors only, their linear
+    layers quantized if `quant_type` says so (`swarm.quantization`)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
@@ -196,9 +206,10 @@ def load_span(
         except RuntimeError as error:
             raise ConfigurationError(f"block {index} does not match its checkpoint tensors: {error}") from None
         block.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        quantize_linears(block, quant_type, dtype, device)
         if progress is not None:
             progress.update(1)
     helpers = family.build_helpers(config, device, checkpoint, span)
-    loaded = LoadedSpan(config, span, nn.ModuleList(blocks), dtype, torch.device(device), helpers)
-    loaded.fast_path = family.check_fast_path(loaded)
+    loaded = LoadedSpan(config, span, nn.ModuleList(blocks), dtype, torch.device(device), helpers, quant_type=quant_type)
+    loaded.fast_path = quant_type == "none" and family.check_fast_path(loaded)  # fast paths read plain weights
     return loaded

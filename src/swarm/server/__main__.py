@@ -13,6 +13,7 @@ import torch
 from swarm.dht import add_join_arguments
 from swarm.errors import ConfigurationError
 from swarm.logs import configure_logging
+from swarm.quantization import QUANT_TYPES
 from swarm.server.config import ServerConfig
 from swarm.server.server import Server
 from swarm.spans import BlockSpan
@@ -66,7 +67,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--announce-host", help="address that clients dial (default: --host or a visible one)")
     parser.add_argument("--announce-port", type=int, help="transport port that clients dial, e.g. a proxy's or one forwarded "
                         "to --transport-port (default: --transport-port)")  # fmt: skip
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations dtype")
+    parser.add_argument("--torch-dtype", "--dtype", dest="dtype", choices=sorted(DTYPES), default="float32",
+                        help="dtype of the weights (of those not quantized) and of the hidden states")  # fmt: skip
+    parser.add_argument("--quant-type", choices=QUANT_TYPES, default="none",
+                        help="hold the blocks' linear layers in 8 bits (int8) or 4 bits (nf4), with bitsandbytes")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     parser.add_argument("--session-timeout", type=float, default=300.0, help="seconds an idle session lives")
     parser.add_argument("--max-session-length", type=int, help="longest session (default: model's max positions)")
@@ -102,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         announce_host=args.announce_host,
         announce_port=args.announce_port,
         dtype=DTYPES[args.dtype],
+        quant_type=args.quant_type,
         device=args.device,
         session_timeout=args.session_timeout,
         max_session_length=args.max_session_length,

@@ -27,6 +27,7 @@ class ServerConfig:
     announce_host: str | None = None  # address clients should dial; default: host, or a visible address
     announce_port: int | None = None  # transport port clients should dial (a proxy's, a forwarded one); default: its own
     dtype: torch.dtype = torch.float32  # weights and hidden states
+    quant_type: str = "none"  # "int8" or "nf4": the blocks' linear layers quantized (see `swarm.quantization`)
     device: str = "cpu"
     session_timeout: float = 300.0  # seconds an idle session keeps its cache
     max_session_length: int | None = None  # longest session allowed; default: the model's max positions

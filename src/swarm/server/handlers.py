@@ -90,7 +90,8 @@ class RequestHandler:
         info = {"model": self.model_name, "start": span.start, "end": span.end, "version": self.version}
         limits = {"max_request_tokens": self.limits.max_request_tokens, "max_batch_size": self.limits.max_batch_size}
         pushes = {f"steps_{name}": count for name, count in self.push_counts.items()}
-        return {**info, "dtype": dtype_name(self.loaded.dtype), "sessions": len(self.sessions), **limits, **pushes}, {}
+        precision = {"dtype": dtype_name(self.loaded.dtype), "quant_type": self.loaded.quant_type}
+        return {**info, **precision, "sessions": len(self.sessions), **limits, **pushes}, {}
 
     def rpc_echo(self, fields, tensors, context) -> Message:
         return {}, tensors

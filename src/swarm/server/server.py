@@ -140,8 +140,12 @@ class Server:
     def _log_ready(self):
         logger.info(
             f"ready: serving {self.model_name} blocks {self.span} ({len(self.span)} of {self.num_blocks}) "
-            f"at {self.address}, {dtype_name(self.config.dtype)}, {self.throughput:.1f} tokens/s, peer {self.identity.key_id}"
+            f"at {self.address}, {self._precision()}, {self.throughput:.1f} tokens/s, peer {self.identity.key_id}"
         )
+
+    def _precision(self) -> str:
+        quant_type = self.config.quant_type
+        return dtype_name(self.config.dtype) + (f" weights in {quant_type}" if quant_type != "none" else "")
 
     def _initial_span(self) -> BlockSpan:
         """--blocks as given; else the least served --num-blocks blocks; else as many as fit in memory."""
@@ -242,8 +246,9 @@ class Server:
         logger.info(f"Loading blocks {span} of {self.model_name} from {self.weights_path}")
         with tqdm(total=len(span), desc=f"Loading blocks {span}", unit="block") as progress:
             return load_span(
-                self.family, self.model_config, self.checkpoint, span, self.config.dtype, self.config.device, progress
-            )
+                self.family, self.model_config, self.checkpoint, span, self.config.dtype, self.config.device, progress,
+                self.config.quant_type,
+            )  # fmt: skip
 
     def _announce(self, state: ServerState):
         record = ServerRecord.signed(
@@ -255,6 +260,7 @@ class Server:
             version=__version__,
             address=self.address,
             dtype=dtype_name(self.config.dtype),
+            quant_type=self.config.quant_type,
         )
         if not announce(self.dht, self.model_name, record, self.num_blocks, self.config.record_ttl):
             logger.warning(f"Could not store every record of blocks {self.span} in the DHT")

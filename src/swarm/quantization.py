@@ -1,0 +1,58 @@
+"""Quantized blocks: a server may hold its blocks' linear layers in 8 bits (LLM.int8) or 4 bits (NF4).
+
+bitsandbytes does the quantization and the matrix products, on the CPU as on a GPU. Every `nn.Linear` inside a
+server's blocks is replaced by its bitsandbytes counterpart (`Linear8bitLt`, `Linear4bit`) holding the quantized
+weights; everything else (norms, embeddings of positions, fused expert tensors) keeps the server's dtype. A server
+announces what it runs (`ServerRecord.dtype`, `ServerRecord.quant_type`), and a client may require a minimum
+precision (`ClientConfig.min_precision`): bits per weight, float32 > float16 = bfloat16 > int8 > nf4.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from swarm.errors import ConfigurationError
+
+QUANT_TYPES = ("none", "int8", "nf4")
+PRECISION_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8, "nf4": 4}
+
+
+def precision_of(dtype: str, quant_type: str) -> str:
+    """What a server's weights are held in: its dtype, unless they are quantized."""
+    return dtype if quant_type == "none" else quant_type
+
+
+def quantize_linears(module: nn.Module, quant_type: str, dtype: torch.dtype, device) -> int:
+    """Replaces every `nn.Linear` inside `module` (on `device`, in `dtype`) by its bitsandbytes counterpart with
+    quantized weights, computing in `dtype`; returns how many it replaced."""
+    if quant_type == "none":
+        return 0
+    if quant_type not in QUANT_TYPES:
+        raise ConfigurationError(f"quant_type must be one of {', '.join(QUANT_TYPES)}, got {quant_type!r}")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigurationError(f"--quant-type {quant_type} needs bitsandbytes: pip install 'swarm[quantization]'") from None
+    replaced = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, _quantized(bnb, child, quant_type, dtype, device))
+            replaced += 1
+        else:
+            replaced += quantize_linears(child, quant_type, dtype, device)
+    return replaced
+
+
+def _quantized(bnb, linear: nn.Linear, quant_type: str, dtype: torch.dtype, device) -> nn.Module:
+    bias = linear.bias is not None
+    weight = linear.weight.data.to(dtype)
+    if quant_type == "int8":
+        quantized = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False, threshold=0.0)
+        quantized.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=dtype, quant_type="nf4")
+        quantized.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+    if bias:
+        quantized.bias = nn.Parameter(linear.bias.data.to(dtype), requires_grad=False)
+    return quantized.to(device)  # bitsandbytes quantizes the weights as they move to the device

@@ -1,0 +1,121 @@
+"""Quantized serving (issue 18): servers that hold their blocks' linear layers in int8 or nf4 (bitsandbytes, on the
+CPU) announce it, a mixed swarm (an int8 server, a float32 one) generates what a local model quantized the same way
+generates, and a client that requires a precision routes around the servers that do not meet it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from swarm import AutoDistributedModel
+from swarm.client.config import ClientConfig
+from swarm.errors import MissingBlocksError
+from swarm.launch import LocalSwarm
+from swarm.quantization import quantize_linears
+from tests.conftest import assert_same_generation, generate_both
+
+PROMPT = torch.tensor([[1, 17, 42, 99, 5, 61, 23, 7]])
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_llama, tmp_path_factory):
+    """int8 0:3, float32 3:5, nf4 0:5 and float32 0:3, in that order."""
+    with LocalSwarm(tiny_llama, [], log_dir=tmp_path_factory.mktemp("logs")) as swarm:
+        launched = [
+            swarm.launch_server("0:3", "--quant-type", "int8"),
+            swarm.launch_server("3:5"),
+            swarm.launch_server("0:5", "--quant-type", "nf4"),
+            swarm.launch_server("0:3", "--torch-dtype", "float32"),
+        ]
+        for server in launched:
+            server.wait_ready(swarm.ready_timeout)
+        yield swarm
+
+
+def peer_id(server) -> str:
+    return server.wait_for(r"ready: .* peer (\S+)", timeout=1).group(1)
+
+
+def local_model(path, quantized: dict[range, str]) -> LlamaForCausalLM:
+    """The local model with the layers of each range quantized as a server of them quantizes its blocks."""
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for layers, quant_type in quantized.items():
+        for index in layers:
+            quantize_linears(model.model.layers[index], quant_type, torch.float32, "cpu")
+    return model
+
+
+def connect(path, swarm, **config) -> AutoDistributedModel:
+    return AutoDistributedModel.from_pretrained(path, client_config=ClientConfig(initial_peers=swarm.initial_peers, **config))
+
+
+def route_of(model, input_ids) -> list[tuple[str, str]]:
+    """(span, quant_type) of each hop of the route a session takes."""
+    with model.inference_session(max_length=input_ids.shape[1] + 1) as session:
+        model(input_ids)
+        return [(str(hop.span), hop.server.quant_type) for hop in session.route]
+
+
+def test_servers_announce_and_report_how_they_hold_their_weights(tiny_llama, swarm):
+    model = connect(tiny_llama, swarm)
+    try:
+        records = {record.peer_id: record for block in model.remote.fetch_records() for record in block}
+        announced = [(records[peer_id(server)].quant_type, records[peer_id(server)].dtype) for server in swarm.servers]
+        assert announced == [("int8", "float32"), ("none", "float32"), ("nf4", "float32"), ("none", "float32")]
+        info, _ = model.remote.connection(records[peer_id(swarm.servers[0])]).request({"method": "info"})
+        assert (info["quant_type"], info["dtype"]) == ("int8", "float32")
+        assert "float32 weights in int8" in swarm.servers[0].wait_for(r"ready: .*", timeout=1).group(0)
+    finally:
+        model.remote.shutdown()
+
+
+def test_a_mixed_swarm_matches_a_local_model_quantized_the_same_way(tiny_llama, swarm):
+    """int8 on 0:3 (pinned), float32 on 3:5: logits within 1e-4 of the local model with layers 0-2 in int8."""
+    model = connect(tiny_llama, swarm, pinned_peers={peer_id(swarm.servers[0])}, min_precision="int8")
+    try:
+        assert route_of(model, PROMPT) == [("0:3", "int8"), ("3:5", "none")]
+        local = local_model(tiny_llama, {range(0, 3): "int8"})
+        assert_same_generation(*generate_both(model, local, PROMPT))
+        unquantized = local_model(tiny_llama, {})
+        difference = (model(PROMPT).logits - unquantized(PROMPT).logits).abs().max()
+        assert difference > 1e-4, "int8 weights that give float32's logits were not quantized"
+    finally:
+        model.remote.shutdown()
+
+
+def test_an_nf4_server_matches_a_local_model_in_nf4(tiny_llama, swarm):
+    model = connect(tiny_llama, swarm, pinned_peers={peer_id(swarm.servers[2])})
+    try:
+        assert route_of(model, PROMPT) == [("0:5", "nf4")]
+        local = local_model(tiny_llama, {range(0, 5): "nf4"})
+        assert_same_generation(*generate_both(model, local, PROMPT))
+    finally:
+        model.remote.shutdown()
+
+
+def test_a_required_precision_routes_around_servers_below_it(tiny_llama, swarm):
+    """The int8 and nf4 servers are pinned, yet a client that requires float32 goes through the float32 ones and
+    generates what the unquantized local model generates; one that requires more than any server of some blocks
+    holds is told which blocks are missing."""
+    pinned = {peer_id(swarm.servers[0]), peer_id(swarm.servers[2])}
+    model = connect(tiny_llama, swarm, pinned_peers=pinned, min_precision="float32")
+    try:
+        assert route_of(model, PROMPT) == [("0:3", "none"), ("3:5", "none")]
+        assert_same_generation(*generate_both(model, local_model(tiny_llama, {}), PROMPT))
+    finally:
+        model.remote.shutdown()
+    without_float32 = {peer_id(swarm.servers[3])}
+    model = connect(tiny_llama, swarm, min_precision="int8", excluded_peers=without_float32)
+    try:
+        assert route_of(model, PROMPT) == [("0:3", "int8"), ("3:5", "none")]
+    finally:
+        model.remote.shutdown()
+    message = r"blocks \[0, 3\) of model 'tiny-llama' in bfloat16 or more precise weights \(min_precision\)"
+    with pytest.raises(MissingBlocksError, match=message):
+        connect(tiny_llama, swarm, min_precision="bfloat16", excluded_peers=without_float32, coverage_timeout=2)
+
+
+def test_bad_precisions_are_refused_by_name():
+    with pytest.raises(ValueError, match="min_precision must be one of float32, float16, bfloat16, int8, nf4"):
+        ClientConfig(min_precision="int4")
