@@ -218,8 +218,10 @@ class RequestHandler:
         arrived, started = threading.Event(), []
 
         def on_push(tensors: Tensors):
-            started.append(self.compute.submit(run, tensors))
-            arrived.set()
+            try:
+                started.append(self.compute.submit(run, tensors))
+            finally:
+                arrived.set()  # even if the compute thread is gone (the server is stopping)
 
         tensors = session.mailbox.expect(position, on_push)
         if tensors is not None:
@@ -230,6 +232,8 @@ class RequestHandler:
                 if session.mailbox.cancel(position):
                     return {"push_missing": True}, {}
                 arrived.wait()  # the push came meanwhile, and is handing its inputs over
+        if not started:
+            raise ServerUnavailableError("the server is stopping")
         self.push_counts["received"] += 1
         return started[0].result()
 
