@@ -88,6 +88,11 @@ class ServerSession:
     def _with_crop(self, fields: dict) -> dict:
         return fields if self.crop_to is None else {**fields, "crop": self.crop_to}
 
+    def _step_fields(self, push_to: dict | None, phases: Phases, position: int | None) -> dict:
+        fields = {"method": "step", "session_id": self.session_id, "position": self.length if position is None else position}
+        fields.update({"phases": list(phases)} if phases else {}, **({"push_to": push_to} if push_to else {}))
+        return self._with_crop(fields)
+
     def push_target(self, remote: RemoteBlocks, position: int | None = None) -> dict:
         """Where the previous hop pushes this hop's step at `position` (by default its next one; see
         `swarm.server.push`)."""
@@ -99,17 +104,14 @@ class ServerSession:
     def send_await(self, push_to: dict | None, timeout: float, phases: Phases = None, position: int | None = None):
         """Asks the server to run the step at `position` (by default its next one) once the previous hop pushes its
         inputs (and push it on)."""
-        fields = {"method": "step", "session_id": self.session_id, "position": self.length if position is None else position,
-                  "await_push": True, "await_timeout": timeout, **({"phases": list(phases)} if phases else {})}  # fmt: skip
-        self.connection.send(self._with_crop({**fields, **({"push_to": push_to} if push_to else {})}), {})
+        fields = {**self._step_fields(push_to, phases, position), "await_push": True, "await_timeout": timeout}
+        self.connection.send(fields, {})
         self.owed += 1
 
     def send_step(self, tensors: Tensors, push_to: dict | None, phases: Phases = None, position: int | None = None):
         """Sends the server the step at `position` (by default its next one) itself, which cancels a step awaiting a
         push, to push on if `push_to`."""
-        fields = {"method": "step", "session_id": self.session_id, "position": self.length if position is None else position,
-                  **({"phases": list(phases)} if phases else {})}  # fmt: skip
-        self.connection.send(self._with_crop({**fields, **({"push_to": push_to} if push_to else {})}), in_server_dtype(self.hop, tensors))
+        self.connection.send(self._step_fields(push_to, phases, position), in_server_dtype(self.hop, tensors))
         self.owed += 1
 
     def receive_step(self, tensors: Tensors, step: int, timeout: float, phases: Phases = None) -> dict | None:
