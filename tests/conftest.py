@@ -12,9 +12,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from swarm import AutoDistributedModel
-from swarm.launch import LocalSwarm, start_bootstrap
+from swarm.launch import LocalSwarm, preload_peers, start_bootstrap
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+preload_peers()  # the suite starts hundreds of peers: each forks from one process that imported torch once
 
 ATOL = 1e-4  # logits through the swarm vs. the local model, float32
 

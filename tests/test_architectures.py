@@ -159,6 +159,6 @@ def test_unsupported_model_is_refused_by_the_client(unsupported):
 
 def test_unsupported_model_is_refused_at_server_start(unsupported):
     directory, model_type, reason = unsupported
-    result = run_server_cli(str(directory), "--new-swarm", "--host", "127.0.0.1")
-    assert result.returncode == 2
-    assert f"model type '{model_type}'" in result.stderr and reason in result.stderr
+    code, output = run_server_cli(str(directory), "--new-swarm", "--host", "127.0.0.1")
+    assert code == 2
+    assert f"model type '{model_type}'" in output and reason in output

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,15 +14,14 @@ import torch
 
 from swarm import AutoDistributedModel, wire
 from swarm.errors import BadRequestError, PeerError, SessionExpiredError
-from swarm.launch import LocalSwarm, PeerProcess
+from swarm.launch import LocalSwarm, PeerProcess, run_peer
 from swarm.records import ServerState, fetch_records
 from swarm.transport import Connection
 
 
 def run_server_cli(*args, timeout=60):
-    return subprocess.run(
-        [sys.executable, "-m", "swarm.server", *args], capture_output=True, text=True, timeout=timeout
-    )
+    """The exit code and output of `python -m swarm.server *args`, run to its end."""
+    return run_peer(["-m", "swarm.server", *args], timeout, name="server")
 
 
 def test_cli_new_swarm_prints_multiaddrs_and_serves(tiny_llama, local_tiny_llama):
@@ -62,19 +59,19 @@ def test_sigterm_announces_offline_and_exits_quickly(tiny_llama):
 
 def test_path_that_is_not_a_model_is_rejected(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    result = run_server_cli(str(tmp_path), "--new-swarm", "--host", "127.0.0.1")
-    assert result.returncode == 2
-    assert "not a model" in result.stderr and str(tmp_path) in result.stderr
-    result = run_server_cli(str(tmp_path / "missing"), "--new-swarm", "--host", "127.0.0.1")
-    assert result.returncode == 2 and "neither a local model directory" in result.stderr
+    code, output = run_server_cli(str(tmp_path), "--new-swarm", "--host", "127.0.0.1")
+    assert code == 2
+    assert "not a model" in output and str(tmp_path) in output
+    code, output = run_server_cli(str(tmp_path / "missing"), "--new-swarm", "--host", "127.0.0.1")
+    assert code == 2 and "neither a local model directory" in output
 
 
 def test_span_outside_the_model_is_rejected(tiny_llama):
-    result = run_server_cli(str(tiny_llama), "--blocks", "3:9", "--new-swarm", "--host", "127.0.0.1")
-    assert result.returncode == 2
-    assert "3:9" in result.stderr and "0:5" in result.stderr
-    result = run_server_cli(str(tiny_llama), "--blocks", "4:2", "--new-swarm", "--host", "127.0.0.1")
-    assert result.returncode == 2 and "START:END" in result.stderr
+    code, output = run_server_cli(str(tiny_llama), "--blocks", "3:9", "--new-swarm", "--host", "127.0.0.1")
+    assert code == 2
+    assert "3:9" in output and "0:5" in output
+    code, output = run_server_cli(str(tiny_llama), "--blocks", "4:2", "--new-swarm", "--host", "127.0.0.1")
+    assert code == 2 and "START:END" in output
 
 
 @pytest.fixture
