@@ -46,8 +46,8 @@ def lying_handler(mode: str) -> type:
         def _forward(self, *args):
             return lie(mode, super()._forward(*args))
 
-        def _step(self, *args):
-            return lie(mode, super()._step(*args))
+        def _stepped(self, *args):  # every step, alone or in a batch
+            return lie(mode, super()._stepped(*args))
 
     return LyingRequestHandler
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -11,6 +10,7 @@ from swarm.checkpoint import CheckpointIndex, load_model_config
 from swarm.models import FAMILIES, FAST_PATHS
 from swarm.models.base import load_span
 from swarm.models.decoder import DecoderFamily
+from swarm.server.batching import ComputeThread
 from swarm.server.handlers import RequestHandler, RequestLimits
 from swarm.server.sessions import SessionManager
 from swarm.spans import BlockSpan
@@ -32,7 +32,7 @@ def test_requests_from_several_connections_compute_on_one_thread(tiny_llama):
     config, weights = load_model_config(tiny_llama, FAMILIES)
     config = family.prepare_config(config)
     span = BlockSpan(0, 3)
-    compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+    compute = ComputeThread(name="compute")
     server = None
     try:
         checkpoint = CheckpointIndex(weights)
@@ -70,5 +70,5 @@ def test_requests_from_several_connections_compute_on_one_thread(tiny_llama):
         compute.shutdown()
     assert not errors
     assert len(family.threads) == 6
-    assert {name for name, _ in family.threads} == {"compute_0"}
+    assert {name for name, _ in family.threads} == {"compute"}
     assert all(inference for _, inference in family.threads)

@@ -151,6 +151,16 @@ class ModelFamily(ABC):
         """Runs blocks `sub_span` on `inputs`; `state` is None for a forward without a session (then a model with
         phases runs all of them: the server measuring its speed does so)."""
 
+    def batch_key(self, loaded: LoadedSpan, sub_span: BlockSpan, inputs: Tensors, state: SequenceState, phase: str | None):
+        """A hashable value shared by session steps that `forward_batch` can run as one forward, or None for a step
+        that runs alone (`forward`). By default every step runs alone."""
+        return None
+
+    def forward_batch(self, loaded: LoadedSpan, sub_span: BlockSpan, steps: list[tuple[Tensors, SequenceState]]) -> list[Tensors]:
+        """Runs the steps of several sessions (checked, with one `batch_key`) as one forward; returns each one's
+        outputs, the same as `forward` would within float tolerance. Leaves every state as it was if it raises."""
+        raise NotImplementedError(f"{type(self).__name__} gives no step a batch_key")
+
     @abstractmethod
     def example_inputs(self, loaded: LoadedSpan) -> Tensors:
         """Inputs for one position of batch 1, used to measure the server's throughput."""

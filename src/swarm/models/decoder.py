@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from swarm.errors import UnsupportedModelError
@@ -43,7 +44,7 @@ from swarm.models.checks import (
     require,
 )
 from swarm.models.layout import DecoderLayout, build_model, read_layout
-from swarm.models.state import SequenceState
+from swarm.models.state import SequenceState, extend_mask
 from swarm.spans import BlockSpan
 
 logger = logging.getLogger(__name__)
@@ -130,18 +131,75 @@ class DecoderFamily(ModelFamily):
             require("hypo_ids" not in inputs, "hypo_ids only make sense in a session")
 
     def forward(self, loaded: LoadedSpan, sub_span: BlockSpan, inputs: Tensors, state, phase) -> Tensors:
-        layout = self.layout(loaded.config)
         hidden = inputs["hidden_states"].to(loaded.device)
         batch, tokens = hidden.shape[:2]
         past = state.length if state is not None else 0
-        positions = inputs.get("position_ids")
-        positions = (positions if positions is not None else torch.arange(past, past + tokens).unsqueeze(0)).to(loaded.device)
+        positions = _positions(inputs, past, tokens, loaded.device)
         mask, cache = inputs.get("attention_mask"), None
         if state is not None:
             if (hypo_ids := inputs.get("hypo_ids")) is not None:
                 state.reorder(hypo_ids.to(loaded.device))
             mask, cache = state.mask_with(mask, batch, tokens), state.cache
         mask = mask.to(loaded.device) if mask is not None else None
+        hidden, outputs = self._run_layers(loaded, sub_span, hidden, mask, cache, positions, past, _wanted(inputs))
+        if state is not None:
+            state.advance(mask, batch, tokens)
+        return {"hidden_states": hidden, **outputs}
+
+    def batch_key(self, loaded: LoadedSpan, sub_span: BlockSpan, inputs: Tensors, state, phase):
+        """Steps of one span and one number of new tokens batch, for models whose sessions keep plain full-attention
+        caches (a sliding window or alibi biases would need more than left padding)."""
+        cache = state.cache
+        plain = type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+        if self.position_bias is not None or not plain:
+            return None
+        return sub_span, inputs["hidden_states"].shape[1]
+
+    def forward_batch(self, loaded: LoadedSpan, sub_span: BlockSpan, steps: list[tuple[Tensors, SequenceState]]) -> list[Tensors]:
+        """Stacks the sessions' rows; each session's past keys and values are left-padded to the longest past and
+        the padding masked out, as a padded batch of one session would be. Each row keeps its own positions, mask
+        and beam order (`hypo_ids`). The sessions' caches are replaced only once every block has run."""
+        device, tokens = loaded.device, steps[0][0]["hidden_states"].shape[1]
+        past = max(state.length for _, state in steps)
+        hidden = torch.cat([inputs["hidden_states"].to(device) for inputs, _ in steps])
+        rows, masks, positions, orders = [], [], [], []
+        for inputs, state in steps:
+            batch = inputs["hidden_states"].shape[0]
+            order = inputs["hypo_ids"].to(device) if "hypo_ids" in inputs else None
+            own_mask = state.attention_mask if order is None or state.attention_mask is None else state.attention_mask[order]
+            rows.append(batch)
+            orders.append(order)
+            masks.append(extend_mask(own_mask, inputs.get("attention_mask"), batch, state.length, tokens))
+            positions.append(_positions(inputs, state.length, tokens, device).expand(batch, tokens))
+        cache = DynamicCache(config=loaded.config)
+        for index in sub_span:
+            _stack_layers(cache.layers[index], [state.cache.layers[index] for _, state in steps], rows, orders, past)
+        uniform = all(mask is None for mask in masks) and all(state.length == past for _, state in steps)
+        mask = None if uniform else torch.cat([_padded_mask(mask, batch, state.length + tokens, past + tokens)
+                                               for mask, batch, (_, state) in zip(masks, rows, steps)]).to(device)  # fmt: skip
+        wanted = set().union(*(_wanted(inputs) for inputs, _ in steps))
+        hidden, outputs = self._run_layers(loaded, sub_span, hidden, mask, cache, torch.cat(positions), past, wanted)
+        results, start = [], 0
+        for (inputs, state), batch, order, own_mask in zip(steps, rows, orders, masks):
+            own_rows, own_start = slice(start, start + batch), past - state.length
+            for index in sub_span:
+                merged, own = cache.layers[index], state.cache.layers[index]
+                if not own.is_initialized:
+                    own.lazy_initialization(merged.keys, merged.values)
+                own.keys, own.values = merged.keys[own_rows, :, own_start:], merged.values[own_rows, :, own_start:]
+            if order is not None:
+                state.kept = {name: tensor[order.to(tensor.device)] for name, tensor in state.kept.items()}
+            state.advance(own_mask, batch, tokens)
+            layers = {LAYER_OUTPUT.format(index): outputs[LAYER_OUTPUT.format(index)][own_rows] for index in _wanted(inputs) & wanted
+                      if LAYER_OUTPUT.format(index) in outputs}  # fmt: skip
+            results.append({"hidden_states": hidden[own_rows], **layers})
+            start += batch
+        return results
+
+    def _run_layers(self, loaded: LoadedSpan, sub_span: BlockSpan, hidden, mask, cache, positions, past: int, wanted: set[int]):
+        """Runs blocks `sub_span` on new positions after `past` ones (with the masks, biases and rotary embeddings
+        the model makes for them); returns the hidden states and the outputs of the blocks in `wanted`."""
+        layout = self.layout(loaded.config)
         kinds = {index: layout.layer_types[index] for index in sub_span}
         first_of_kind = {kind: next(index for index in sub_span if kinds[index] == kind) for kind in set(kinds.values())}
         masks = {kind: self._mask(loaded, kind, hidden, mask, cache, positions, index) for kind, index in first_of_kind.items()}
@@ -149,7 +207,7 @@ class DecoderFamily(ModelFamily):
         if self.position_bias is not None:
             masks, alibi = self.position_bias(loaded.config, hidden, mask, cache, positions, past, sub_span.start, masks)
         embeddings = self._rotary(loaded, layout, hidden, positions, set(first_of_kind))
-        wanted, outputs = set(inputs["output_layers"].tolist()) if "output_layers" in inputs else set(), {}
+        outputs = {}
         for index, block in zip(sub_span, loaded.blocks_of(sub_span)):
             kind = kinds[index]
             if loaded.fast_path:
@@ -158,9 +216,7 @@ class DecoderFamily(ModelFamily):
                 hidden = self._call_layer(loaded, block, hidden, masks[kind], embeddings[kind], positions, cache, alibi)
             if index in wanted:
                 outputs[LAYER_OUTPUT.format(index)] = hidden
-        if state is not None:
-            state.advance(mask, batch, tokens)
-        return {"hidden_states": hidden, **outputs}
+        return hidden, outputs
 
     def _mask(self, loaded: LoadedSpan, kind: str, hidden, mask, cache, positions, layer_idx: int):
         return MASKS[kind](
@@ -241,3 +297,40 @@ class DecoderFamily(ModelFamily):
         """Every tensor outside the layers, under the name transformers loads it as."""
         layout = self.layout(config)
         return {name: renamed for name in checkpoint_names if not (renamed := layout.rename(name)).startswith(f"{layout.layers}.")}
+
+
+def _positions(inputs: Tensors, past: int, tokens: int, device) -> torch.Tensor:
+    """The new tokens' positions: those the request gives, or the next ones after `past`."""
+    positions = inputs.get("position_ids")
+    return (positions if positions is not None else torch.arange(past, past + tokens).unsqueeze(0)).to(device)
+
+
+def _wanted(inputs: Tensors) -> set[int]:
+    """The blocks whose outputs a request asks for too."""
+    return set(inputs["output_layers"].tolist()) if "output_layers" in inputs else set()
+
+
+def _stack_layers(merged: DynamicLayer, layers: list[DynamicLayer], rows: list[int], orders: list, past: int):
+    """Fills `merged` with the keys and values of `layers` (one per session, each reordered by its beam order),
+    stacked by rows and left-padded with zeros to `past` positions; leaves it empty when all are."""
+    reference = next((layer for layer in layers if layer.get_seq_length()), None)
+    if reference is None:
+        return
+    heads, head_dim = reference.keys.shape[1], reference.keys.shape[3]
+    keys = reference.keys.new_zeros(sum(rows), heads, past, head_dim)
+    values = reference.values.new_zeros(sum(rows), heads, past, reference.values.shape[3])
+    start = 0
+    for layer, batch, order in zip(layers, rows, orders):
+        if length := layer.get_seq_length():
+            own_keys, own_values = (layer.keys, layer.values) if order is None else (layer.keys[order], layer.values[order])
+            keys[start : start + batch, :, past - length :] = own_keys
+            values[start : start + batch, :, past - length :] = own_values
+        start += batch
+    merged.lazy_initialization(keys, values)
+    merged.keys, merged.values = keys, values
+
+
+def _padded_mask(mask: torch.Tensor | None, batch: int, length: int, width: int) -> torch.Tensor:
+    """A session's mask of `length` positions (None: all ones), left-padded with zeros to `width`."""
+    mask = mask if mask is not None else torch.ones(batch, length, dtype=torch.long)
+    return torch.nn.functional.pad(mask.long(), (width - length, 0))

@@ -23,6 +23,13 @@ logger = logging.getLogger("swarm.server")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text}")
+    return value
+
+
 def span_argument(text: str) -> BlockSpan:
     try:
         return BlockSpan.parse(text)
@@ -72,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--quant-type", choices=QUANT_TYPES, default="none",
                         help="hold the blocks' linear layers in 8 bits (int8) or 4 bits (nf4), with bitsandbytes")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--batch-wait-ms", type=non_negative, default=ServerConfig.batch_wait_ms,
+                        help="milliseconds a decode step may wait for other sessions' steps to run in one batch "
+                        f"with them; 0: no batching (default: {ServerConfig.batch_wait_ms:g})")  # fmt: skip
     parser.add_argument("--session-timeout", type=float, default=300.0, help="seconds an idle session lives")
     parser.add_argument("--max-session-length", type=int, help="longest session (default: model's max positions)")
     parser.add_argument("--announce-period", type=float, default=30.0, help="seconds between DHT announcements")
@@ -108,6 +118,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         dtype=DTYPES[args.dtype],
         quant_type=args.quant_type,
         device=args.device,
+        batch_wait_ms=args.batch_wait_ms,
         session_timeout=args.session_timeout,
         max_session_length=args.max_session_length,
         announce_period=args.announce_period,

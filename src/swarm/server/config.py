@@ -29,6 +29,8 @@ class ServerConfig:
     dtype: torch.dtype = torch.float32  # weights and hidden states
     quant_type: str = "none"  # "int8" or "nf4": the blocks' linear layers quantized (see `swarm.quantization`)
     device: str = "cpu"
+    batch_wait_ms: float = 5.0  # milliseconds a decode step may wait for the steps of other sessions that stepped
+    # within the last second, to run in one forward with them (`swarm.server.batching`); 0: every step runs alone
     session_timeout: float = 300.0  # seconds an idle session keeps its cache
     max_session_length: int | None = None  # longest session allowed; default: the model's max positions
     announce_period: float = 30.0  # seconds between re-announcements in the DHT (each one wakes every DHT peer)

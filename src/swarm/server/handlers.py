@@ -18,11 +18,12 @@ Requests are `{"method": ..., ...fields}` plus named tensors (see `swarm.wire`):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
 import time
-from concurrent.futures import Executor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch
 from swarm.errors import BadRequestError, RemoteError, ServerBusyError, ServerUnavailableError
 from swarm.models.base import LoadedSpan, ModelFamily, Tensors
 from swarm.models.checks import require
+from swarm.server.batching import ComputeThread
 from swarm.server.push import MAX_AWAIT_TIMEOUT, PushLinks, PushTarget
 from swarm.server.sessions import Session, SessionManager
 from swarm.spans import BlockSpan
@@ -54,6 +56,18 @@ class RequestLimits:
     busy_wait: float = 5.0  # seconds a step waits for cache memory before it is answered "busy"
 
 
+@dataclass(frozen=True)
+class StepCall:
+    """A session step as its request asked for it, less its tensors (which a push may bring later)."""
+
+    context: ConnectionContext  # the client's connection, which gets the reply
+    session: Session
+    phases: list[str | None]
+    position: int | None  # where the session must stand, or None
+    push_to: PushTarget | None  # the next server, to push the outputs on to
+    link: tuple[Connection | None, str | None] | None  # the connection to it, or why there is none
+
+
 class RequestHandler:
     def __init__(
         self,
@@ -63,7 +77,7 @@ class RequestHandler:
         model_name: str,
         version: str,
         limits: RequestLimits,
-        compute: Executor,
+        compute: ComputeThread,
         push_links: PushLinks | None = None,
     ):
         self.family = family
@@ -90,8 +104,9 @@ class RequestHandler:
         info = {"model": self.model_name, "start": span.start, "end": span.end, "version": self.version}
         limits = {"max_request_tokens": self.limits.max_request_tokens, "max_batch_size": self.limits.max_batch_size}
         pushes = {f"steps_{name}": count for name, count in self.push_counts.items()}
+        batches = {"batches": self.compute.batches, "steps_batched": self.compute.batched_steps}
         precision = {"dtype": dtype_name(self.loaded.dtype), "quant_type": self.loaded.quant_type}
-        return {**info, **precision, "sessions": len(self.sessions), **limits, **pushes}, {}
+        return {**info, **precision, "sessions": len(self.sessions), **limits, **pushes, **batches}, {}
 
     def rpc_echo(self, fields, tensors, context) -> Message:
         return {}, tensors
@@ -140,62 +155,102 @@ class RequestHandler:
                     f"await_timeout must be in (0, {MAX_AWAIT_TIMEOUT:g}] seconds, got {timeout!r}")  # fmt: skip
         self._wait_for_cache_memory()
         link = self.push_links.link(push_to) if push_to is not None else None  # connects now, if need be
-        run = functools.partial(self._run_step, context, session, phases, position, push_to, link)
+        call = StepCall(context, session, phases, position, push_to, link)
         if awaits:
-            return self._await_push(session, position, context, timeout, run)
-        return self.compute.submit(run, tensors).result()
+            return self._await_push(call, timeout)
+        return self._submit_step(call, tensors).result()
 
-    def _run_step(
-        self,
-        context: ConnectionContext,
-        session: Session,
-        phases: list[str | None],
-        position: int | None,
-        push_to: PushTarget | None,
-        link: tuple[Connection | None, str | None] | None,
-        tensors: Tensors,
-    ):
+    def _submit_step(self, call: StepCall, tensors: Tensors) -> Future:
+        """Hands a step to the compute thread: in a batch with other sessions' steps if its family can batch it."""
+        run_alone = functools.partial(self._run_step, call, tensors)
+        try:
+            key = self.family.batch_key(self.loaded, call.session.span, tensors, call.session.state, None) if call.phases == [None] else None
+        except Exception:  # inputs that are not what the family takes: the step runs alone, which says what is wrong
+            key = None
+        if key is None:
+            return self.compute.submit(run_alone)
+        rows = max((tensor.shape[0] * tensor.shape[1] for tensor in tensors.values() if tensor.ndim > 1), default=0)
+        return self.compute.submit_batchable(key, call.session.id, rows, (call, tensors), run_alone, self._run_steps_together)
+
+    def _run_step(self, call: StepCall, tensors: Tensors):
         """On the compute thread: runs a step (and pushes it on) and sends its reply from there, one thread switch
         sooner than the connection's thread could. A step whose `position` is not where the session stands is
         answered `stale`; an error reaches the connection's thread unsent, for the transport to answer with."""
-        if context.peer_is_gone():
-            logger.info(f"Dropped a request from {context.peer}: its client has gone")
-            return
+        with contextlib.ExitStack() as locks, torch.inference_mode():
+            if self._ready_to_run(call, tensors, locks, check=False):
+                self._finish_step(call, tensors, self._step(call.session, call.phases, tensors))
+
+    def _run_steps_together(self, steps: list[tuple[StepCall, Tensors]]) -> list[Any]:
+        """On the compute thread: runs steps of different sessions (with one batch key) as one forward, then pushes
+        each on and replies to each. A step that cannot run (bad inputs, stale, its client gone) is answered or
+        dropped alone; if the forward fails, each step runs alone, so that only a faulty one fails."""
+        outcomes: list[Any] = [None] * len(steps)
+        ready = []
+        with contextlib.ExitStack() as locks, torch.inference_mode():
+            for index, (call, tensors) in enumerate(steps):
+                try:
+                    if self._ready_to_run(call, tensors, locks, check=True):
+                        ready.append(index)
+                except Exception as error:
+                    outcomes[index] = error
+            replies = None
+            if len(ready) > 1:
+                sessions = [steps[index][0].session for index in ready]
+                try:
+                    pairs = [(steps[index][1], session.state) for index, session in zip(ready, sessions)]
+                    outputs = self.family.forward_batch(self.loaded, sessions[0].span, pairs)
+                    replies = [self._stepped(session, step_outputs) for session, step_outputs in zip(sessions, outputs)]
+                except Exception:
+                    logger.warning(f"A batch of {len(ready)} steps failed; running them one by one", exc_info=True)
+            for order, index in enumerate(ready):
+                call, tensors = steps[index]
+                try:
+                    reply = replies[order] if replies is not None else self._step(call.session, call.phases, tensors)
+                    self._finish_step(call, tensors, reply)
+                except Exception as error:
+                    outcomes[index] = error
+        return outcomes
+
+    def _ready_to_run(self, call: StepCall, tensors: Tensors, locks: contextlib.ExitStack, check: bool) -> bool:
+        """Whether a step runs: its client is still there and its session stands at its position (else it is
+        dropped, or answered `stale`). Takes the session's lock into `locks`; with `check`, checks the inputs."""
+        if call.context.peer_is_gone():
+            logger.info(f"Dropped a request from {call.context.peer}: its client has gone")
+            return False
         self._check_size(tensors)
-        with session.lock, torch.inference_mode():
-            if position is not None and self._position(session) != position:
-                reply = {"stale": True, "length": session.state.length}, {}
-            elif push_to is None:
-                reply = self._step(session, phases, tensors)
-            else:
-                reply = self._step_and_push(session, phases, tensors, push_to, *link)
-        context.reply(*reply)
+        session = call.session
+        locks.enter_context(session.lock)
+        if call.position is not None and self._position(session) != call.position:
+            call.context.reply({"stale": True, "length": session.state.length}, {})
+            return False
+        if check:
+            self.family.check_inputs(self.loaded, tensors, session.state, session.max_length, session.span, None)
+        return True
+
+    def _finish_step(self, call: StepCall, tensors: Tensors, reply: Message):
+        """Pushes a step's outputs on, if it is to be, and replies."""
+        if call.push_to is not None:
+            reply = self._push_on(call, tensors, reply)
+        call.context.reply(*reply)
 
     def _position(self, session: Session) -> int:
         """Where a session stands, as steps' `position` names it: its length, or for a round-trip model (whose state
         holds no positions) the requests it has run."""
         return session.requests if self.family.phases(self.loaded.config) else session.state.length
 
-    def _step_and_push(
-        self,
-        session: Session,
-        phases: list[str | None],
-        tensors: Tensors,
-        push_to: PushTarget,
-        link: Connection | None,
-        link_problem: str | None,
-    ) -> Message:
-        """Runs a step and pushes on (from the compute thread, one thread switch sooner than the connection's
-        thread could) what the client would have sent the next request: its inputs and outputs joined, or on the
-        way back of a round trip its outputs alone. The reply says how the push went."""
-        reply, outputs = self._step(session, phases, tensors)
+    def _push_on(self, call: StepCall, tensors: Tensors, reply: Message) -> Message:
+        """Pushes on (from the compute thread, one thread switch sooner than the connection's thread could) what
+        the client would have sent the next request after a step: its inputs and outputs joined, or on the way
+        back of a round trip its outputs alone. The reply says how the push went."""
+        fields, outputs = reply
         declared = self.family.phases(self.loaded.config)
-        pushed = outputs if declared and declared[-1] in phases else {**tensors, **outputs}
-        problem = link_problem or self.push_links.send(push_to, link, pushed)
+        pushed = outputs if declared and declared[-1] in call.phases else {**tensors, **outputs}
+        link, link_problem = call.link
+        problem = link_problem or self.push_links.send(call.push_to, link, pushed)
         self.push_counts["push_failed" if problem else "pushed"] += 1
         if problem:
-            return {**reply, "pushed": False, "push_error": problem}, outputs
-        return {**reply, "pushed": True, "push_round_trip": self.push_links.round_trip(push_to)}, outputs
+            return {**fields, "pushed": False, "push_error": problem}, outputs
+        return {**fields, "pushed": True, "push_round_trip": self.push_links.round_trip(call.push_to)}, outputs
 
     def rpc_push(self, fields, tensors, context) -> None:
         """Leaves a pushed step's inputs for the step that awaits them; a push has no reply (see `swarm.server.push`),
@@ -211,15 +266,16 @@ class RequestHandler:
             self.push_counts["refused"] += 1
             logger.info(f"Dropped a push from {context.peer}: {error}")
 
-    def _await_push(self, session: Session, position: int, context: ConnectionContext, timeout: float, run) -> Message | None:
-        """Runs `run` on the compute thread with the inputs the previous server pushes for the step at `position`:
+    def _await_push(self, call: StepCall, timeout: float) -> Message | None:
+        """Runs a step on the compute thread with the inputs the previous server pushes for it (at its `position`):
         the push's own thread hands them over, without waking this one. Answers `push_missing` if none came within
         `timeout` or the client sent something else meanwhile (a step of its own, which replaces the push)."""
+        session, position, context = call.session, call.position, call.context
         arrived, started = threading.Event(), []
 
         def on_push(tensors: Tensors):
             try:
-                started.append(self.compute.submit(run, tensors))
+                started.append(self._submit_step(call, tensors))
             finally:
                 arrived.set()  # even if the compute thread is gone (the server is stopping)
 
@@ -276,8 +332,12 @@ class RequestHandler:
         for phase in phases:
             self.family.check_inputs(self.loaded, tensors, session.state, session.max_length, session.span, phase)
             tensors = self.family.forward(self.loaded, session.span, tensors, session.state, phase)
+        return self._stepped(session, tensors)
+
+    def _stepped(self, session: Session, outputs: Tensors) -> Message:
+        """Counts a step the session ran; its reply."""
         session.requests += 1
-        return {"length": session.state.length}, tensors
+        return {"length": session.state.length}, outputs
 
     def _compute_and_reply(self, context: ConnectionContext, compute, *args):
         """Runs `compute(*args)` on the compute thread, in inference mode, and sends the reply it makes from

@@ -6,7 +6,6 @@ import logging
 import resource
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import hivemind
@@ -23,6 +22,7 @@ from swarm.models import FAMILIES, family_for
 from swarm.models.base import LoadedSpan, load_span
 from swarm.network import load_swarm_key, start_dht
 from swarm.records import ServerRecord, ServerState, announce, fetch_records, reachable_host
+from swarm.server.batching import ComputeThread
 from swarm.server.block_selection import block_capacities, blocks_that_fit, choose_span, should_move
 from swarm.server.config import ServerConfig
 from swarm.server.files import ServedFiles, open_served_files
@@ -79,7 +79,7 @@ class Server:
         # OpenMP (libgomp) keeps a pool of worker threads for each thread that starts parallel work; once a
         # process holds more of them than it has cores, all pools stop spinning between operations, which
         # made a decode step twice as slow with a second computing thread on 2 cores.
-        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
+        self.compute = ComputeThread(config.batch_wait_ms / 1000, config.max_request_tokens)
 
     def run(self):
         """Serves until `stop_requested` is set, then leaves the swarm cleanly."""

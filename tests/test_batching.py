@@ -1,0 +1,193 @@
+"""Continuous batching: steps of different sessions run as one forward give what each gives alone.
+
+The family's math is tested here without a network (`forward_batch` against `forward`, session by session);
+the server's batching of steps from concurrent clients is tested through real servers further down.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+from swarm import AutoDistributedModel
+from swarm.errors import BadRequestError
+from swarm.launch import LocalSwarm
+from swarm.spans import BlockSpan
+from swarm.transport import Connection
+from tests.conftest import ATOL, assert_same_generation
+from tests.test_fast_path import load
+
+SPAN = BlockSpan(1, 4)
+
+
+@pytest.fixture(scope="module")
+def llama_span(tiny_llama):
+    return load(tiny_llama, SPAN)
+
+
+def prefilled(family, loaded, generator, batch: int, tokens: int, mask=None):
+    """A session on `SPAN` that has run a prefill of `tokens` positions for `batch` rows."""
+    state = family.new_session_state(loaded, SPAN, max_length=64)
+    inputs = {"hidden_states": torch.randn(batch, tokens, loaded.config.hidden_size, generator=generator)}
+    if mask is not None:
+        inputs["attention_mask"] = mask
+    with torch.inference_mode():
+        family.forward(loaded, SPAN, inputs, state, None)
+    return state
+
+
+def step_inputs(loaded, generator, batch: int, tokens: int = 1, **extra) -> dict[str, torch.Tensor]:
+    return {"hidden_states": torch.randn(batch, tokens, loaded.config.hidden_size, generator=generator), **extra}
+
+
+def assert_batch_matches_alone(family, loaded, steps):
+    """Runs `steps` ([(inputs, state)]) as one batch and each alone on a copy of its state: same outputs (within
+    ATOL), same lengths and masks, and the next step after each gives the same again."""
+    alone_states = [copy.deepcopy(state) for _, state in steps]
+    with torch.inference_mode():
+        batched = family.forward_batch(loaded, SPAN, steps)
+        alone = [family.forward(loaded, SPAN, inputs, state, None) for (inputs, _), state in zip(steps, alone_states)]
+    for outputs, expected, (_, state), alone_state in zip(batched, alone, steps, alone_states):
+        assert outputs.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(outputs[name], expected[name], atol=ATOL, rtol=0)
+        assert state.length == alone_state.length and state.batch_size == alone_state.batch_size
+        assert (state.attention_mask is None) == (alone_state.attention_mask is None)
+        if state.attention_mask is not None:
+            assert torch.equal(state.attention_mask, alone_state.attention_mask)
+    generator = torch.Generator().manual_seed(7)
+    with torch.inference_mode():
+        for (_, state), alone_state in zip(steps, alone_states):
+            inputs = step_inputs(loaded, generator, state.batch_size)
+            after, expected = family.forward(loaded, SPAN, inputs, state, None), family.forward(loaded, SPAN, inputs, alone_state, None)
+            torch.testing.assert_close(after["hidden_states"], expected["hidden_states"], atol=ATOL, rtol=0)
+
+
+def test_sessions_of_different_lengths_masks_and_beams_batch_exactly(llama_span):
+    family, loaded = llama_span
+    generator = torch.Generator().manual_seed(0)
+    padded = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    states = [
+        prefilled(family, loaded, generator, 1, 9),
+        prefilled(family, loaded, generator, 2, 6, mask=padded),
+        prefilled(family, loaded, generator, 3, 3),
+        prefilled(family, loaded, generator, 1, 9),
+    ]
+    steps = [
+        (step_inputs(loaded, generator, 1), states[0]),
+        (step_inputs(loaded, generator, 2, attention_mask=torch.tensor([[1], [1]]), hypo_ids=torch.tensor([1, 0])), states[1]),
+        (step_inputs(loaded, generator, 3, hypo_ids=torch.tensor([2, 2, 0]), position_ids=torch.tensor([[3], [3], [3]])), states[2]),
+        (step_inputs(loaded, generator, 1, output_layers=torch.tensor([2])), states[3]),
+    ]
+    keys = {family.batch_key(loaded, SPAN, inputs, state, None) for inputs, state in steps}
+    assert keys == {(SPAN, 1)}
+    assert_batch_matches_alone(family, loaded, steps)
+
+
+def test_a_new_session_and_several_tokens_batch_too(llama_span):
+    family, loaded = llama_span
+    generator = torch.Generator().manual_seed(1)
+    fresh = family.new_session_state(loaded, SPAN, max_length=64)
+    steps = [
+        (step_inputs(loaded, generator, 2, tokens=3), fresh),
+        (step_inputs(loaded, generator, 1, tokens=3), prefilled(family, loaded, generator, 1, 5)),
+    ]
+    assert_batch_matches_alone(family, loaded, steps)
+
+
+def test_sessions_of_equal_lengths_batch_without_a_mask(llama_span):
+    family, loaded = llama_span
+    generator = torch.Generator().manual_seed(2)
+    steps = [(step_inputs(loaded, generator, 1), prefilled(family, loaded, generator, 1, 4)) for _ in range(3)]
+    assert_batch_matches_alone(family, loaded, steps)
+
+
+def test_sliding_window_sessions_run_alone(tmp_path):
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, sliding_window=4)  # fmt: skip
+    MistralForCausalLM(config).save_pretrained(tmp_path)
+    family, loaded = load(tmp_path, SPAN)
+    state = family.new_session_state(loaded, SPAN, max_length=64)
+    assert family.batch_key(loaded, SPAN, step_inputs(loaded, torch.Generator(), 1), state, None) is None
+
+
+@pytest.fixture(scope="module")
+def batching_swarm(tiny_llama, tmp_path_factory):
+    """Two servers that wait up to 100 ms for the steps of other active sessions (so that concurrent clients'
+    steps batch even on a slow machine)."""
+    with LocalSwarm(tiny_llama, ["0:2", "2:5"], server_args=("--batch-wait-ms", "100"), log_dir=tmp_path_factory.mktemp("logs")) as swarm:
+        yield swarm
+
+
+def server_info(address: str) -> dict:
+    connection = Connection(address, timeout=30)
+    try:
+        return connection.request({"method": "info"})[0]
+    finally:
+        connection.close()
+
+
+def bad_step_in_a_batch(address: str, hidden_size: int, steps: int, results: dict):
+    """A client of its own on the first server: a prefill, then decode steps, one of which names beams its session
+    does not hold; records the error it gets, and that the steps after it still run."""
+    connection = Connection(address, timeout=60)
+    try:
+        session, _ = connection.request({"method": "open", "start": 0, "end": 2, "max_length": 64})
+        connection.request({"method": "step", **session}, {"hidden_states": torch.randn(1, 4, hidden_size)})
+        for index in range(steps):
+            inputs = {"hidden_states": torch.randn(1, 1, hidden_size)}
+            if index == steps // 2:
+                inputs["hypo_ids"] = torch.tensor([3])
+                with pytest.raises(BadRequestError, match="hypo_ids") as error:
+                    connection.request({"method": "step", **session}, inputs)
+                results["error"] = str(error.value)
+            else:
+                reply, _ = connection.request({"method": "step", **session}, inputs)
+                results["length"] = reply["length"]
+    finally:
+        connection.close()
+
+
+def test_concurrent_clients_batch_and_each_gets_the_local_models_output(batching_swarm, tiny_llama, local_tiny_llama):
+    """Sessions of different lengths and batch sizes (one left-padded, one with beams, one that ends early, one
+    with a bad step) step together; every generation matches the local model's."""
+    model = AutoDistributedModel.from_pretrained(tiny_llama, initial_peers=batching_swarm.initial_peers, coverage_timeout=30)
+    before = [server_info(server.address) for server in batching_swarm.servers]
+    padded = torch.tensor([[7, 8, 9, 10, 11, 12], [0, 0, 13, 14, 15, 16]])
+    jobs = {
+        "long prompt": (torch.tensor([list(range(20, 40))]), {"max_new_tokens": 14}),
+        "short prompt": (torch.tensor([[5, 6]]), {"max_new_tokens": 14}),
+        "ends early": (torch.tensor([[50, 51, 52, 53]]), {"max_new_tokens": 4}),
+        "padded pair": (padded, {"max_new_tokens": 12, "attention_mask": (padded != 0).long()}),
+        "beams": (torch.tensor([[60, 61, 62]]), {"max_new_tokens": 10, "num_beams": 3}),
+    }
+    outputs, errors, bad = {}, [], {}
+
+    def generate(name, input_ids, kwargs):
+        try:
+            outputs[name] = model.generate(input_ids, output_logits=True, return_dict_in_generate=True, **kwargs)
+        except Exception as error:
+            errors.append((name, error))
+
+    threads = [threading.Thread(target=generate, args=(name, *job)) for name, job in jobs.items()]
+    threads.append(threading.Thread(target=bad_step_in_a_batch, args=(batching_swarm.servers[0].address, 60, 12, bad)))
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=240)
+    finally:
+        model.remote.shutdown()
+    assert not errors, errors
+    assert "beams of" in bad["error"] or "hypo_ids" in bad["error"]
+    assert bad["length"] == 4 + 11
+    for name, (input_ids, kwargs) in jobs.items():
+        expected = local_tiny_llama.generate(input_ids, output_logits=True, return_dict_in_generate=True, **kwargs)
+        assert_same_generation(outputs[name], expected)
+    after = [server_info(server.address) for server in batching_swarm.servers]
+    for old, new in zip(before, after):
+        assert new["batches"] > old["batches"] and new["steps_batched"] >= 2 * (new["batches"] - old["batches"])
