@@ -166,10 +166,13 @@ def seeded(slow_original, bootstrap_peers, tmp_path_factory):
 
 
 def download(dht, name: str, host: str, destination: Path):
+    """Fetches every file of `name`; returns what was fetched, the banned peers, the hash failures and the bytes
+    downloaded (read before the session closes: closing removes the torrent, and its handle with it)."""
     session = TorrentSession(host)
     try:
         fetched = fetch_files(dht, session, name, lambda manifest: sorted(manifest.files), destination, timeout=120)
-        return fetched, set(fetched.torrent.ban_counts), fetched.torrent.hash_failures
+        torrent = fetched.torrent
+        return fetched, set(torrent.ban_counts), torrent.hash_failures, torrent.handle.status().total_payload_download
     finally:
         session.close()
 
@@ -189,7 +192,7 @@ def test_a_corrupt_seeder_is_banned_and_the_download_completes(seeded, dht_clien
             data[header:] = bytes(byte ^ 0xFF for byte in data[header:])
             block_file.write_bytes(bytes(data))
         announce_seeder(dht_client, seeded.info_hash, Seeder("the-liar", liar.address, tuple(seeded.published.manifest.files)), 60)
-        fetched, banned, failures = download(dht_client, "tiny-slow", "127.0.0.22", tmp_path / "download")
+        fetched, banned, failures, _ = download(dht_client, "tiny-slow", "127.0.0.22", tmp_path / "download")
     finally:
         liar.close()
     assert failures > 0 and any(address.startswith("127.0.0.21:") for address in banned)
@@ -208,7 +211,7 @@ def test_a_seeder_killed_mid_download_costs_only_its_pieces(seeded, dht_client, 
         killer = threading.Timer(1.5, helper.signal, args=(signal.SIGKILL,))
         killer.start()
         started = time.monotonic()
-        fetched, _, _ = download(dht_client, "tiny-slow", "127.0.0.31", tmp_path / "download")
+        fetched, _, _, _ = download(dht_client, "tiny-slow", "127.0.0.31", tmp_path / "download")
         assert time.monotonic() - started > 1.5, "the download should have outlived the killed seeder"
         assert same_tensors(fetched.path, slow_original)
     finally:
@@ -307,8 +310,7 @@ def test_an_interrupted_download_resumes(seeded, dht_client, bootstrap_peers, sl
         first.signal(signal.SIGKILL)
     finally:
         first.stop()
-    fetched, _, _ = download(dht_client, "tiny-slow", "127.0.0.61", tmp_path / "cache")
-    downloaded = fetched.torrent.handle.status().total_payload_download
+    fetched, _, _, downloaded = download(dht_client, "tiny-slow", "127.0.0.61", tmp_path / "cache")
     assert 0 < downloaded < fetched.manifest.total_bytes, "the second run should fetch only what the first did not"
     assert same_tensors(fetched.path, slow_original)
 
