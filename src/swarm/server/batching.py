@@ -4,9 +4,12 @@ Everything a server computes (loading its blocks, measuring them, every request)
 order it was submitted (`ComputeThread.submit`). A session's step that its family can run in a batch
 (`ModelFamily.batch_key`) is submitted with that key (`submit_batchable`). When the thread reaches such a
 step, it takes every queued step with the same key, one per session and up to `max_rows` rows (batch x new
-tokens) in all; while a session that stepped with that key within the last `ACTIVE` seconds has not sent its
-step yet, it waits for it, up to `batch_wait` seconds, then runs them all together. A client alone never waits,
-and with `batch_wait` 0 every step runs alone, in order, as before.
+tokens) in all, and runs them together. Before that it waits, up to `batch_wait` seconds, for the sessions
+expected within that time, among those that stepped with that key within the last `ACTIVE` seconds: the ones
+that ran in the same batch as the step's session last time (their clients, or the previous server of their
+route, send their next steps together), and any other whose client came back last time soon enough after its
+step ended to come within the wait again. A client alone never waits, and with `batch_wait` 0 every step runs
+alone, in order, as before.
 
 This is continuous batching (vLLM's, llama.cpp server's slots): sessions join and leave the batch at every
 step, each with its own cache, length and mask.
@@ -37,6 +40,19 @@ class _Task:
     rows: int = 0
     item: Any = None  # what `run_together` gets for this task
     run_together: RunTogether | None = None
+    arrived: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Stepper:
+    """What the compute thread knows of a session that steps with one batch key."""
+
+    ended: float  # when its last step ended
+    turnaround: float  # seconds from the end of one step to the arrival of its next one, last time
+    batch: int  # the number of the batch its last step ran in
+
+    def expected(self) -> float:
+        return self.ended + self.turnaround
 
 
 class ComputeThread:
@@ -50,7 +66,8 @@ class ComputeThread:
         self.batched_steps = 0  # steps that ran in them
         self._tasks: deque[_Task] = deque()
         self._changed = threading.Condition()
-        self._last_steps: dict[Hashable, dict[Hashable, float]] = {}  # key -> session -> when its last step ended
+        self._steppers: dict[Hashable, dict[Hashable, _Stepper]] = {}  # key -> session -> its last step
+        self._runs = 0  # batches and steps run alone, numbered
         self._stopped = False
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
@@ -114,8 +131,11 @@ class ComputeThread:
                     members.add(task.member)
                     rows += task.rows
             now = time.monotonic()
-            awaited = {member for member, ended in self._last_steps.get(first.key, {}).items() if now - ended < ACTIVE}
-            if not awaited - members or rows >= self.max_rows or now >= deadline or self._stopped:
+            steppers = self._steppers.get(first.key, {})
+            cohort = steppers[first.member].batch if first.member in steppers else None
+            awaited = {member for member, stepper in steppers.items()
+                       if member not in members and (stepper.batch == cohort or stepper.expected() <= deadline)}  # fmt: skip
+            if not awaited or rows >= self.max_rows or now >= deadline or self._stopped:
                 return batch
             self._changed.wait(deadline - now)
 
@@ -133,17 +153,22 @@ class ComputeThread:
         self.batched_steps += len(batch)
 
     def _remember(self, batch: list[_Task]):
-        """Notes when each session's step ended, and forgets sessions inactive for longer than `ACTIVE`."""
+        """Notes when each session's step ended and how long its client took to send it, and forgets sessions
+        inactive for longer than `ACTIVE`."""
         now = time.monotonic()
         with self._changed:
+            self._runs += 1
             for task in batch:
                 if task.key is not None:
-                    self._last_steps.setdefault(task.key, {})[task.member] = now
-            for key, sessions in list(self._last_steps.items()):
-                for member in [member for member, ended in sessions.items() if now - ended >= ACTIVE]:
-                    del sessions[member]
-                if not sessions:
-                    del self._last_steps[key]
+                    steppers = self._steppers.setdefault(task.key, {})
+                    last = steppers.get(task.member)
+                    turnaround = max(task.arrived - last.ended, 0.0) if last is not None else 0.0
+                    steppers[task.member] = _Stepper(ended=now, turnaround=turnaround, batch=self._runs)
+            for key, steppers in list(self._steppers.items()):
+                for member in [member for member, stepper in steppers.items() if now - stepper.ended >= ACTIVE]:
+                    del steppers[member]
+                if not steppers:
+                    del self._steppers[key]
 
 
 def _settle(future: Future, run: Callable[[], Any]):

@@ -1,0 +1,185 @@
+"""Concurrency benchmark: many clients generating at once from one swarm, with continuous batching on and off.
+
+    python benchmarks/bench_concurrency.py [--clients 1 2 4 8 16] [--new-tokens 64] [--batch-wait-ms 5]
+
+SmolLM2-135M-Instruct (float32) is served by one server hosting all 30 blocks, then by a chain of 3 servers
+(0:10, 10:20, 20:30); each by two swarms at once, one batching (`--batch-wait-ms`) and one not (`--batch-wait-ms
+0`), which serve in turns. For each number of clients N, N threads of this process share one distributed model
+(as the HTTP API's requests do) and each generates `--new-tokens` greedy tokens (EOS suppressed) from a prompt of
+its own, all starting together. Reported: aggregate tokens/s (every new token over the wall time until the last
+client is done), the median client's tokens/s, the p50/p90 of the gaps between a client's tokens (its step
+latency), and the steps per batch the servers ran. Targets (issue 18): with batching, 8 clients make >= 4x the
+aggregate tokens/s of one client, at a p50 step latency <= 2x one client's.
+
+The clients' own work (embeddings, head, sampling) runs on this machine's cores beside the servers'. To tell the
+two apart, the run also times the local model's 30 blocks decoding one token for a batch of N rows against one
+row (with a 40-token past): what batching can give on this machine's cores at best.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Client and servers share this machine's cores: set before torch loads (see swarm.launch.LOCAL_PEER_ENV).
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import argparse
+import contextlib
+import logging
+import statistics
+import tempfile
+import threading
+import time
+
+import torch
+from timing import format_table, generate_timed, machine_line, percentile
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from swarm import AutoDistributedModel
+from swarm.launch import LocalSwarm
+from swarm.smollm2 import smollm2_checkpoint
+from swarm.transport import Connection
+
+TOPOLOGIES = {"1 server": ["0:30"], "3 servers": ["0:10", "10:20", "20:30"]}
+QUESTIONS = [
+    "Why is the sky blue?",
+    "Explain in a few sentences how a rainbow forms.",
+    "What is a prime number?",
+    "Write a haiku about the sea.",
+    "How do plants make food from sunlight? Answer briefly.",
+    "Name three uses of copper.",
+    "What does a compiler do?",
+    "Describe the water cycle for a child.",
+]
+SPEEDUP_TARGET = 4.0  # aggregate tokens/s of 8 clients over 1 client's, with batching
+LATENCY_TARGET = 2.0  # p50 step latency of 8 clients over 1 client's, with batching
+
+
+def client_inputs(tokenizer, count: int) -> list[dict]:
+    """A prompt of its own for each client (prompts of different lengths), as chat turns."""
+    inputs = []
+    for index in range(count):
+        question = QUESTIONS[index % len(QUESTIONS)] + (f" (question {index})" if index >= len(QUESTIONS) else "")
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+        encoded = tokenizer(chat, return_tensors="pt", add_special_tokens=False)
+        inputs.append({"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask})
+    return inputs
+
+
+def run_clients(model, inputs: list[dict], new_tokens: int) -> dict[str, float]:
+    """All clients at once; the figures of one row."""
+    runs, errors, start = [None] * len(inputs), [], threading.Barrier(len(inputs) + 1)
+
+    def client(index: int):
+        start.wait()
+        try:
+            runs[index] = generate_timed(model, inputs[index], new_tokens)
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - began
+    if errors:
+        raise errors[0]
+    gaps = [gap for run in runs for gap in run.gaps]
+    return {
+        "aggregate": len(inputs) * new_tokens / wall,
+        "per_client": statistics.median(run.tokens_per_second for run in runs),
+        "p50": percentile(gaps, 50) * 1000,
+        "p90": percentile(gaps, 90) * 1000,
+    }
+
+
+def blocks_alone(checkpoint, batch_sizes: list[int], repeats: int = 10) -> dict[int, float]:
+    """Median seconds of one decode step of the local model's blocks (no head) for each batch size."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    seconds = {}
+    with torch.inference_mode():
+        for batch in batch_sizes:
+            cache = model.model(torch.randint(0, 1000, (batch, 40)), use_cache=True).past_key_values
+            token, times = torch.randint(0, 1000, (batch, 1)), []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                model.model(token, cache=cache, use_cache=True)
+                times.append(time.perf_counter() - started)
+                cache.crop(-1)
+            seconds[batch] = statistics.median(times)
+    return seconds
+
+
+def batch_counts(swarm) -> tuple[int, int]:
+    """Batches run and steps run in them, over every server of `swarm` (from their `info`)."""
+    batches = steps = 0
+    for server in swarm.servers:
+        connection = Connection(server.address, timeout=30)
+        try:
+            info, _ = connection.request({"method": "info"})
+        finally:
+            connection.close()
+        batches, steps = batches + info["batches"], steps + info["steps_batched"]
+    return batches, steps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="the servers' setting when batching is on")
+    parser.add_argument("--topologies", nargs="+", choices=list(TOPOLOGIES), default=list(TOPOLOGIES))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    checkpoint = smollm2_checkpoint()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    inputs = client_inputs(tokenizer, max(args.clients))
+    results = {}
+    for topology in args.topologies:
+        with contextlib.ExitStack() as stack:
+            models = {}
+            for batching, wait in (("on", args.batch_wait_ms), ("off", 0.0)):
+                logs = stack.enter_context(tempfile.TemporaryDirectory())
+                server_args = ("--batch-wait-ms", f"{wait:g}")
+                swarm = stack.enter_context(LocalSwarm(checkpoint, TOPOLOGIES[topology], server_args=server_args, log_dir=logs))
+                model = AutoDistributedModel.from_pretrained(checkpoint, initial_peers=swarm.initial_peers)
+                stack.callback(model.remote.shutdown)
+                run_clients(model, inputs[:2], 4)  # warm-up
+                models[batching] = swarm, model
+            for clients in args.clients:  # on and off in turns, so that both see the same moments of a noisy machine
+                for batching, (swarm, model) in models.items():
+                    counts = batch_counts(swarm)
+                    figures = run_clients(model, inputs[:clients], args.new_tokens)
+                    batches, steps = (now - before for now, before in zip(batch_counts(swarm), counts))
+                    figures["batch"] = steps / batches if batches else 1.0
+                    results[topology, batching, clients] = figures
+                    print(f"{topology}, batching {batching}, {clients} client(s): {figures['aggregate']:.1f} tokens/s", flush=True)
+    print(f"\n{machine_line()}; SmolLM2-135M-Instruct float32, {args.new_tokens} greedy tokens per client, "
+          f"batching on = --batch-wait-ms {args.batch_wait_ms:g}")  # fmt: skip
+    results = dict(sorted(results.items(), key=lambda item: (args.topologies.index(item[0][0]), item[0][1] == "off")))
+    rows = [["servers", "batching", "clients", "aggregate tok/s", "x 1 client", "per-client tok/s", "step p50 ms", "step p90 ms", "steps per batch"]]
+    for (topology, batching, clients), figures in results.items():
+        solo = results.get((topology, batching, 1))
+        speedup = f"{figures['aggregate'] / solo['aggregate']:.2f}x" if solo else "-"
+        rows.append([topology, batching, str(clients), f"{figures['aggregate']:.1f}", speedup, f"{figures['per_client']:.2f}",
+                     f"{figures['p50']:.1f}", f"{figures['p90']:.1f}", f"{figures['batch']:.1f}"])  # fmt: skip
+    print(format_table(rows))
+    local = blocks_alone(checkpoint, args.clients)
+    rows = [["rows", "blocks' step ms", "tokens/s of the blocks", "x 1 row"]]
+    for batch, seconds in local.items():
+        rows.append([str(batch), f"{seconds * 1000:.1f}", f"{batch / seconds:.1f}", f"{batch * local[args.clients[0]] / seconds / args.clients[0]:.2f}x"])
+    print("\nThe local model's blocks alone, one decode step (no head, no network):")
+    print(format_table(rows))
+    for topology in args.topologies:
+        solo, eight = results.get((topology, "on", 1)), results.get((topology, "on", 8))
+        if solo and eight:
+            speedup, latency = eight["aggregate"] / solo["aggregate"], eight["p50"] / solo["p50"]
+            print(f"{topology}, batching on, 8 clients: {speedup:.2f}x the aggregate of 1 (target >= {SPEEDUP_TARGET:g}x), "
+                  f"p50 step latency {latency:.2f}x (target <= {LATENCY_TARGET:g}x)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
