@@ -1,13 +1,15 @@
 """Continuous batching: steps of different sessions run as one forward give what each gives alone.
 
-The family's math is tested here without a network (`forward_batch` against `forward`, session by session);
-the server's batching of steps from concurrent clients is tested through real servers further down.
+The compute thread's scheduling and the family's math are tested here without a network (`forward_batch`
+against `forward`, session by session); the server's batching of steps from concurrent clients is tested through
+real servers further down.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
+import time
 
 import pytest
 import torch
@@ -16,12 +18,83 @@ from transformers import MistralConfig, MistralForCausalLM
 from swarm import AutoDistributedModel
 from swarm.errors import BadRequestError
 from swarm.launch import LocalSwarm
+from swarm.server.batching import ComputeThread
 from swarm.spans import BlockSpan
 from swarm.transport import Connection
 from tests.conftest import ATOL, assert_same_generation
 from tests.test_fast_path import load
 
 SPAN = BlockSpan(1, 4)
+
+
+class Recorder:
+    """Runs of steps, alone or together, as a compute thread makes them."""
+
+    def __init__(self):
+        self.runs: list[list[str]] = []
+
+    def alone(self, name: str):
+        return lambda: self.runs.append([name]) or name
+
+    def together(self, names: list[str]) -> list:
+        self.runs.append(list(names))
+        return [ValueError(f"{name} is faulty") if name.startswith("faulty") else name for name in names]
+
+
+def blocked(compute: ComputeThread) -> threading.Event:
+    """Keeps `compute` busy until the returned event is set."""
+    release = threading.Event()
+    compute.submit(release.wait, 30)
+    return release
+
+
+def test_steps_queued_together_run_together_one_per_session_and_key():
+    compute, recorder = ComputeThread(batch_wait=0.05), Recorder()
+    try:
+        release = blocked(compute)
+        steps = [("a", "key", "s1"), ("b", "key", "s2"), ("c", "other", "s3"), ("d", "key", "s1"), ("faulty e", "key", "s4")]
+        futures = {name: compute.submit_batchable(key, member, 1, name, recorder.alone(name), recorder.together)
+                   for name, key, member in steps}  # fmt: skip
+        plain = compute.submit(lambda: "plain")
+        release.set()
+        assert [futures[name].result(10) for name in "abcd"] == list("abcd") and plain.result(10) == "plain"
+        with pytest.raises(ValueError, match="faulty e is faulty"):
+            futures["faulty e"].result(10)
+    finally:
+        compute.shutdown()
+    assert recorder.runs[0] == ["a", "b", "faulty e"]  # d waits for its session's step a; c has another key
+    assert sorted(map(tuple, recorder.runs[1:])) == [("c",), ("d",)]
+    assert (compute.batches, compute.batched_steps) == (1, 3)
+
+
+def test_a_session_alone_never_waits_and_a_batch_waits_for_its_sessions():
+    compute, recorder = ComputeThread(batch_wait=5.0), Recorder()
+    try:
+        started = time.monotonic()
+        for step in range(3):
+            compute.submit_batchable("solo key", "solo", 1, step, recorder.alone(step), recorder.together).result(10)
+        assert time.monotonic() - started < 2.0, "a session alone waited for nobody"
+        release = blocked(compute)
+        first = [compute.submit_batchable("key", member, 1, member, recorder.alone(member), recorder.together) for member in ("x", "y")]
+        release.set()
+        for future in first:
+            future.result(10)
+        future = compute.submit_batchable("key", "x", 1, "x again", recorder.alone("x again"), recorder.together)
+        time.sleep(0.3)  # the thread waits for y, which ran in x's batch
+        assert not future.done()
+        compute.submit_batchable("key", "y", 1, "y again", recorder.alone("y again"), recorder.together).result(10)
+    finally:
+        compute.shutdown()
+    assert recorder.runs == [[0], [1], [2], ["x", "y"], ["x again", "y again"]]
+    compute_off = ComputeThread(batch_wait=0.0)
+    try:
+        release = blocked(compute_off)
+        futures = [compute_off.submit_batchable("key", member, 1, member, recorder.alone(member), recorder.together) for member in "pq"]
+        release.set()
+        assert [future.result(10) for future in futures] == ["p", "q"]
+    finally:
+        compute_off.shutdown()
+    assert recorder.runs[-2:] == [["p"], ["q"]]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from swarm import AutoDistributedModel, wire
+from swarm.client.config import ClientConfig
 from swarm.errors import BadRequestError, PeerError, SessionExpiredError
 from swarm.launch import LocalSwarm, PeerProcess, run_peer
 from swarm.records import ServerState, fetch_records
@@ -218,3 +219,47 @@ def test_bfloat16_server_serves_a_float32_client(bfloat16_swarm, tiny_llama, loc
         assert model.generate(input_ids, max_new_tokens=4).shape == (1, 9)
     finally:
         model.remote.shutdown()
+
+
+def test_hidden_states_travel_in_the_dtype_the_client_asks_for(bfloat16_swarm, tiny_llama):
+    """A bfloat16 server computes in bfloat16 whatever its inputs come in, and answers in the dtype they came in."""
+    connection = Connection(bfloat16_swarm.servers[0].address, timeout=30)
+    forward = {"method": "forward", "start": 0, "end": 5}
+    hidden = torch.randn(2, 3, 60).bfloat16()
+    try:
+        outputs = {dtype: connection.request(forward, {"hidden_states": hidden.to(dtype)})[1]["hidden_states"]
+                   for dtype in (torch.bfloat16, torch.float32, torch.float16)}  # fmt: skip
+        with pytest.raises(BadRequestError, match="in one of float32, bfloat16, float16"):
+            connection.request(forward, {"hidden_states": hidden, "position_ids": torch.zeros(1, 3)})
+    finally:
+        connection.close()
+    assert {dtype: output.dtype for dtype, output in outputs.items()} == {dtype: dtype for dtype in outputs}
+    assert torch.equal(outputs[torch.float32], outputs[torch.bfloat16].float())
+    assert torch.equal(outputs[torch.float16], outputs[torch.bfloat16].half())
+    with pytest.raises(ValueError, match="wire_dtype must be one of"):
+        ClientConfig(wire_dtype="int8")
+    input_ids = torch.tensor([[7, 8, 9, 10, 11]])
+    logits = {}
+    for wire_dtype in (None, "float32"):
+        config = ClientConfig(initial_peers=bfloat16_swarm.initial_peers, wire_dtype=wire_dtype)
+        model = AutoDistributedModel.from_pretrained(tiny_llama, client_config=config)
+        try:
+            with torch.no_grad():
+                logits[wire_dtype] = model(input_ids).logits
+        finally:
+            model.remote.shutdown()
+    assert torch.equal(logits[None], logits["float32"])  # the server rounds to bfloat16 as the client would have
+
+
+def test_half_precision_on_the_wire_to_float32_servers(llama_swarm_3, tiny_llama, local_tiny_llama):
+    config = ClientConfig(initial_peers=llama_swarm_3.initial_peers, wire_dtype="float16")
+    model = AutoDistributedModel.from_pretrained(tiny_llama, client_config=config)
+    input_ids = torch.tensor([[7, 8, 9, 10, 11]])
+    try:
+        with torch.no_grad():
+            logits, expected = model(input_ids).logits, local_tiny_llama(input_ids).logits
+    finally:
+        model.remote.shutdown()
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, expected, atol=1e-2, rtol=0)
+    assert not torch.allclose(logits, expected, atol=1e-6, rtol=0), "the hidden states were not rounded on the way"

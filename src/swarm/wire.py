@@ -34,6 +34,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # what hidden states may travel in
 _JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))
 _JSON_DECODER = json.JSONDecoder()
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from swarm.client.retry import RetryPolicy
 from swarm.client.verify import VerifyConfig
 from swarm.quantization import PRECISION_BITS
+from swarm.wire import FLOAT_DTYPES
 
 
 @dataclass
@@ -32,6 +33,8 @@ class ClientConfig:
     excluded_peers: set[str] = field(default_factory=set)  # peer ids never to use
     min_precision: str | None = None  # the least a server's weights may be held in: "float32", "bfloat16" or
     # "float16" (16 bits), "int8" or "nf4" (see `swarm.quantization`); None: any
+    wire_dtype: str | None = None  # what hidden states travel in: "float32", "bfloat16" or "float16" (a server
+    # computes in its own dtype and answers in this one); None: each server's own dtype
     retry: RetryPolicy = field(default_factory=RetryPolicy)  # how failed requests are retried elsewhere
     verify: VerifyConfig | None = None  # spot checks of servers' outputs by other servers (None: none)
     swarm_key: bytes | None = None  # the key of a private swarm (`swarm.network.load_swarm_key(FILE)`)
@@ -41,3 +44,5 @@ class ClientConfig:
     def __post_init__(self):
         if self.min_precision is not None and self.min_precision not in PRECISION_BITS:
             raise ValueError(f"min_precision must be one of {', '.join(PRECISION_BITS)} or None, got {self.min_precision!r}")
+        if self.wire_dtype is not None and self.wire_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {', '.join(FLOAT_DTYPES)} or None, got {self.wire_dtype!r}")

@@ -90,6 +90,7 @@ class RemoteBlocks:
             excluded=banned | set(self.config.excluded_peers),
             pinned=set(self.config.pinned_peers),
             min_bits=PRECISION_BITS[self.config.min_precision] if self.config.min_precision else 0,
+            wire_dtype=self.config.wire_dtype,
         )
 
     def wait_for_coverage(self, span: BlockSpan, timeout: float | None = None) -> None:
@@ -239,7 +240,7 @@ class RemoteBlocks:
         for checker in checkers[:3]:
             try:
                 connection = self.connection(checker)
-                _, output = run_hop(connection, Hop(checker, hop.span), fields, tensors, self.request_timeout(tokens_of(tensors)))
+                _, output = run_hop(connection, Hop(checker, hop.span, hop.wire_dtype), fields, tensors, self.request_timeout(tokens_of(tensors)))
             except PeerError as error:
                 self.ban(checker, f"it failed while checking another server: {error}")
                 continue
@@ -300,19 +301,19 @@ def tokens_of(tensors: Tensors) -> int:
 
 
 def run_hop(connection: Connection, hop: Hop, fields: dict, tensors: Tensors, timeout: float) -> tuple[dict, Tensors]:
-    """One request to one hop. Floating-point tensors travel in the server's dtype; None values stay home. A reply
+    """One request to one hop. Floating-point tensors travel in the hop's dtype; None values stay home. A reply
     that is not what was asked for (`check_reply`) is a `BadReplyError`: that server's fault."""
-    sent = in_server_dtype(hop, tensors)
+    sent = in_travel_dtype(hop, tensors)
     reply_fields, reply_tensors = connection.request(fields, sent, timeout=timeout)
     check_hop_reply(connection, hop, fields, sent, reply_fields, reply_tensors)
     return reply_fields, reply_tensors
 
 
-def in_server_dtype(hop: Hop, tensors: Tensors) -> Tensors:
-    """`tensors` as they travel to `hop`: floating-point ones in its server's dtype, None values left out."""
-    server_dtype = DTYPES.get(hop.server.dtype)
+def in_travel_dtype(hop: Hop, tensors: Tensors) -> Tensors:
+    """`tensors` as they travel to `hop`: floating-point ones in its travel dtype, None values left out."""
+    dtype = DTYPES.get(hop.travel_dtype)
     return {
-        name: tensor.to(server_dtype) if server_dtype is not None and tensor.is_floating_point() else tensor
+        name: tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         for name, tensor in tensors.items()
         if tensor is not None
     }
@@ -320,13 +321,13 @@ def in_server_dtype(hop: Hop, tensors: Tensors) -> Tensors:
 
 def check_hop_reply(connection: Connection, hop: Hop, fields: dict, sent: Tensors, reply_fields: dict, reply: Tensors):
     """Closes the connection and raises `BadReplyError` if the reply is not what was asked for (`check_reply`)."""
-    problem = check_reply(fields, sent, reply_fields, reply, DTYPES.get(hop.server.dtype))
+    problem = check_reply(fields, sent, reply_fields, reply, DTYPES.get(hop.travel_dtype))
     if problem is not None:
         connection.close()
         raise BadReplyError(f"{hop.server.address} sent a reply that {problem}")
 
 
-def check_reply(fields: dict, sent: Tensors, reply_fields: dict, reply: Tensors, server_dtype) -> str | None:
+def check_reply(fields: dict, sent: Tensors, reply_fields: dict, reply: Tensors, travel_dtype) -> str | None:
     """What is wrong with a reply to a `forward` or `step` request, or None. A pass through blocks returns tensors
     named and shaped as the ones it was sent (the hidden states), the outputs of the blocks it was asked for, and
     for a step the session's length; a step of a round-trip model (`phases`) returns what its family makes."""
@@ -337,8 +338,8 @@ def check_reply(fields: dict, sent: Tensors, reply_fields: dict, reply: Tensors,
     if not reply:
         return "holds no tensors"
     for name, tensor in reply.items():
-        if tensor.is_floating_point() and server_dtype is not None and tensor.dtype != server_dtype:
-            return f"holds {name} in {tensor.dtype}, not the server's {server_dtype}"
+        if tensor.is_floating_point() and travel_dtype is not None and tensor.dtype != travel_dtype:
+            return f"holds {name} in {tensor.dtype}, not the {travel_dtype} it was asked for"
     if "phases" in fields:
         return None
     start, end = fields.get("start"), fields.get("end")

@@ -24,6 +24,12 @@ MIN_THROUGHPUT = 1e-3  # tokens/s assumed for a server that announces 0 (not mea
 class Hop:
     server: ServerRecord  # who runs these blocks
     span: BlockSpan  # the blocks it runs for this route (within the server's span)
+    wire_dtype: str | None = None  # what floating-point tensors travel to it in; None: the server's dtype
+
+    @property
+    def travel_dtype(self) -> str:
+        """The dtype the hop's floating-point tensors travel in, both ways."""
+        return self.wire_dtype or self.server.dtype
 
     def __str__(self) -> str:
         return f"{self.span} via {self.server.address} ({self.server.peer_id[-8:]})"
@@ -35,6 +41,7 @@ class RoutingPreferences:
     excluded: set[str] = field(default_factory=set)  # peer ids never to use (banned or excluded by the user)
     pinned: set[str] = field(default_factory=set)  # peer ids to use wherever they cover a block
     min_bits: int = 0  # bits per weight a server must hold its blocks in at least (`ClientConfig.min_precision`)
+    wire_dtype: str | None = None  # what hidden states travel in (`ClientConfig.wire_dtype`)
 
 
 def usable_servers(records_by_block: list[list[ServerRecord]], preferences: RoutingPreferences) -> list[ServerRecord]:
@@ -86,7 +93,7 @@ def plan_route(
                     break
                 total = cost + hop_cost(server, end - block, preferences)
                 if end not in best or total < best[end][0]:
-                    best[end] = (total, Hop(server, BlockSpan(block, end)))
+                    best[end] = (total, Hop(server, BlockSpan(block, end), preferences.wire_dtype))
                     heapq.heappush(queue, (total, end))
     if span.end not in best:
         missing = missing_blocks(records_by_block, span, preferences)

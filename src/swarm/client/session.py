@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from swarm.client.remote import RemoteBlocks, Tensors, check_hop_reply, in_server_dtype, run_hop, tokens_of
+from swarm.client.remote import RemoteBlocks, Tensors, check_hop_reply, in_travel_dtype, run_hop, tokens_of
 from swarm.client.retry import RetryBudget, is_retriable
 from swarm.client.routing import Hop
 from swarm.client.verify import agree
@@ -99,7 +99,7 @@ class ServerSession:
         server = self.hop.server
         position = self.length if position is None else position
         return {"address": server.address, "peer_id": server.peer_id, "session_id": self.session_id,
-                "position": position, "dtype": server.dtype, "timeout": remote.config.push_timeout}  # fmt: skip
+                "position": position, "dtype": self.hop.travel_dtype, "timeout": remote.config.push_timeout}  # fmt: skip
 
     def send_await(self, push_to: dict | None, timeout: float, phases: Phases = None, position: int | None = None):
         """Asks the server to run the step at `position` (by default its next one) once the previous hop pushes its
@@ -111,14 +111,14 @@ class ServerSession:
     def send_step(self, tensors: Tensors, push_to: dict | None, phases: Phases = None, position: int | None = None):
         """Sends the server the step at `position` (by default its next one) itself, which cancels a step awaiting a
         push, to push on if `push_to`."""
-        self.connection.send(self._step_fields(push_to, phases, position), in_server_dtype(self.hop, tensors))
+        self.connection.send(self._step_fields(push_to, phases, position), in_travel_dtype(self.hop, tensors))
         self.owed += 1
 
     def receive_step(self, tensors: Tensors, step: int, timeout: float, phases: Phases = None) -> dict | None:
         """Reads every reply the connection owes; returns the fields of the one that ran the step whose inputs are
         `tensors` (recorded as `step` records a step), or None if none did (no push came). A server that ran the
         step twice, or says it ran it without sending its outputs, sent a bad reply."""
-        sent, result, stale = in_server_dtype(self.hop, tensors), None, False
+        sent, result, stale = in_travel_dtype(self.hop, tensors), None, False
         asked = {"method": "step", **({"phases": list(phases)} if phases else {})}
         while self.owed:
             reply_fields, outputs = self.connection.receive(timeout)
@@ -457,7 +457,7 @@ class InferenceSession:
             if third.peer_id == checker.peer_id:
                 continue
             try:
-                judge = self._replay([Hop(third, hop.span)], server_session.history)[0]
+                judge = self._replay([Hop(third, hop.span, hop.wire_dtype)], server_session.history)[0]
             except PeerError as error:
                 self.remote.ban(third, f"it failed while checking another server: {error}")
                 continue
@@ -482,7 +482,7 @@ class InferenceSession:
                 return None
             if server_session.shadow is not None:
                 server_session.shadow.close()
-            server_session.shadow = self._open(Hop(checkers[0], server_session.hop.span))
+            server_session.shadow = self._open(Hop(checkers[0], server_session.hop.span, server_session.hop.wire_dtype))
             server_session.shadow_seen = 0
         shadow, pending = server_session.shadow, server_session.history[server_session.shadow_seen :]
         for tensors in catch_up([request.tensors for request in pending]):

@@ -8,7 +8,7 @@ tokens) in all, and runs them together. Before that it waits, up to `batch_wait`
 expected within that time, among those that stepped with that key within the last `ACTIVE` seconds: the ones
 that ran in the same batch as the step's session last time (their clients, or the previous server of their
 route, send their next steps together), and any other whose client came back last time soon enough after its
-step ended to come within the wait again. A client alone never waits, and with `batch_wait` 0 every step runs
+step ended to come within the wait again; not those overdue by more than `batch_wait`. A client alone never waits, and with `batch_wait` 0 every step runs
 alone, in order, as before.
 
 This is continuous batching (vLLM's, llama.cpp server's slots): sessions join and leave the batch at every
@@ -121,7 +121,8 @@ class ComputeThread:
     def _gather(self, first: _Task) -> list[_Task]:
         """`first` and the queued steps that can join it, after waiting for the active sessions' steps (called
         holding the lock, which waiting releases)."""
-        batch, rows, deadline = [first], first.rows, time.monotonic() + self.batch_wait
+        started = time.monotonic()
+        batch, rows, deadline = [first], first.rows, started + self.batch_wait
         while True:
             members = {task.member for task in batch}
             for task in list(self._tasks):
@@ -134,7 +135,8 @@ class ComputeThread:
             steppers = self._steppers.get(first.key, {})
             cohort = steppers[first.member].batch if first.member in steppers else None
             awaited = {member for member, stepper in steppers.items()
-                       if member not in members and (stepper.batch == cohort or stepper.expected() <= deadline)}  # fmt: skip
+                       if member not in members and stepper.expected() >= started - self.batch_wait  # not long overdue
+                       and (stepper.batch == cohort or stepper.expected() <= deadline)}  # fmt: skip
             if not awaited or rows >= self.max_rows or now >= deadline or self._stopped:
                 return batch
             self._changed.wait(deadline - now)

@@ -1,6 +1,8 @@
 """The server's RPCs: thin handlers that unpack a request, hand it to the family's math, pack the reply.
 
-Requests are `{"method": ..., ...fields}` plus named tensors (see `swarm.wire`):
+Requests are `{"method": ..., ...fields}` plus named tensors (see `swarm.wire`). Floating-point tensors may come
+in float32, bfloat16 or float16 (all in one): the server computes in its own dtype and answers, and pushes on, in
+the one they came in.
 
     info                                    -> model, span, dtype, version, open sessions, limits, push counts
     forward  start, end         + tensors   -> tensors        (no cache)
@@ -37,7 +39,7 @@ from swarm.server.push import MAX_AWAIT_TIMEOUT, PushLinks, PushTarget
 from swarm.server.sessions import Session, SessionManager
 from swarm.spans import BlockSpan
 from swarm.transport import Connection, ConnectionContext, Message
-from swarm.wire import dtype_name, is_int
+from swarm.wire import DTYPES, FLOAT_DTYPES, dtype_name, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +116,9 @@ class RequestHandler:
     def rpc_forward(self, fields, tensors, context) -> None:
         sub_span = self._sub_span(fields)
         self._check_size(tensors)
-        self.family.check_inputs(self.loaded, tensors, None, None, sub_span, None)
-        self._compute_and_reply(context, self._forward, sub_span, tensors)
+        inputs, wire = self._in_compute_dtype(tensors)
+        self.family.check_inputs(self.loaded, inputs, None, None, sub_span, None)
+        self._compute_and_reply(context, self._forward, sub_span, inputs, wire)
 
     def rpc_open(self, fields, tensors, context) -> Message:
         if not self.accepting_sessions:
@@ -176,36 +179,39 @@ class RequestHandler:
         """On the compute thread: runs a step (and pushes it on) and sends its reply from there, one thread switch
         sooner than the connection's thread could. A step whose `position` is not where the session stands is
         answered `stale`; an error reaches the connection's thread unsent, for the transport to answer with."""
+        inputs, wire = self._in_compute_dtype(tensors)
         with contextlib.ExitStack() as locks, torch.inference_mode():
-            if self._ready_to_run(call, tensors, locks, check=False):
-                self._finish_step(call, tensors, self._step(call.session, call.phases, tensors))
+            if self._ready_to_run(call, inputs, locks, check=False):
+                self._finish_step(call, tensors, self._step(call.session, call.phases, inputs, wire))
 
     def _run_steps_together(self, steps: list[tuple[StepCall, Tensors]]) -> list[Any]:
         """On the compute thread: runs steps of different sessions (with one batch key) as one forward, then pushes
         each on and replies to each. A step that cannot run (bad inputs, stale, its client gone) is answered or
         dropped alone; if the forward fails, each step runs alone, so that only a faulty one fails."""
         outcomes: list[Any] = [None] * len(steps)
-        ready = []
+        ready = []  # (index, inputs in the server's dtype, the dtype to answer in)
         with contextlib.ExitStack() as locks, torch.inference_mode():
             for index, (call, tensors) in enumerate(steps):
                 try:
-                    if self._ready_to_run(call, tensors, locks, check=True):
-                        ready.append(index)
+                    inputs, wire = self._in_compute_dtype(tensors)
+                    if self._ready_to_run(call, inputs, locks, check=True):
+                        ready.append((index, inputs, wire))
                 except Exception as error:
                     outcomes[index] = error
             replies = None
             if len(ready) > 1:
-                sessions = [steps[index][0].session for index in ready]
+                sessions = [steps[index][0].session for index, _, _ in ready]
                 try:
-                    pairs = [(steps[index][1], session.state) for index, session in zip(ready, sessions)]
+                    pairs = [(inputs, session.state) for (_, inputs, _), session in zip(ready, sessions)]
                     outputs = self.family.forward_batch(self.loaded, sessions[0].span, pairs)
-                    replies = [self._stepped(session, step_outputs) for session, step_outputs in zip(sessions, outputs)]
+                    replies = [self._stepped(session, _in_dtype(step_outputs, wire))
+                               for session, step_outputs, (_, _, wire) in zip(sessions, outputs, ready)]  # fmt: skip
                 except Exception:
                     logger.warning(f"A batch of {len(ready)} steps failed; running them one by one", exc_info=True)
-            for order, index in enumerate(ready):
+            for order, (index, inputs, wire) in enumerate(ready):
                 call, tensors = steps[index]
                 try:
-                    reply = replies[order] if replies is not None else self._step(call.session, call.phases, tensors)
+                    reply = replies[order] if replies is not None else self._step(call.session, call.phases, inputs, wire)
                     self._finish_step(call, tensors, reply)
                 except Exception as error:
                     outcomes[index] = error
@@ -325,14 +331,24 @@ class RequestHandler:
                 )
             time.sleep(0.05)
 
-    def _forward(self, sub_span: BlockSpan, tensors: Tensors) -> Message:
-        return {}, self.family.forward(self.loaded, sub_span, tensors, None, None)
+    def _in_compute_dtype(self, tensors: Tensors) -> tuple[Tensors, torch.dtype]:
+        """A request's tensors with the floating-point ones in the server's dtype, and the dtype they came in."""
+        dtypes = {tensor.dtype for tensor in tensors.values() if tensor.is_floating_point()}
+        require(
+            len(dtypes) <= 1 and dtypes <= {DTYPES[name] for name in FLOAT_DTYPES},
+            f"floating-point tensors must all be in one of {', '.join(FLOAT_DTYPES)}, got {sorted(map(str, dtypes))}",
+        )
+        return _in_dtype(tensors, self.loaded.dtype), next(iter(dtypes), self.loaded.dtype)
 
-    def _step(self, session, phases: list[str | None], tensors: Tensors) -> Message:
+    def _forward(self, sub_span: BlockSpan, tensors: Tensors, wire: torch.dtype) -> Message:
+        return {}, _in_dtype(self.family.forward(self.loaded, sub_span, tensors, None, None), wire)
+
+    def _step(self, session, phases: list[str | None], tensors: Tensors, wire: torch.dtype) -> Message:
+        """Runs a step's phases on `tensors` (in the server's dtype); its reply, in the dtype `wire`."""
         for phase in phases:
             self.family.check_inputs(self.loaded, tensors, session.state, session.max_length, session.span, phase)
             tensors = self.family.forward(self.loaded, session.span, tensors, session.state, phase)
-        return self._stepped(session, tensors)
+        return self._stepped(session, _in_dtype(tensors, wire))
 
     def _stepped(self, session: Session, outputs: Tensors) -> Message:
         """Counts a step the session ran; its reply."""
@@ -369,6 +385,11 @@ class RequestHandler:
             f"blocks {sub_span} cross a stage boundary; stages are {', '.join(map(str, stages))}",
         )
         return sub_span
+
+
+def _in_dtype(tensors: Tensors, dtype: torch.dtype) -> Tensors:
+    """`tensors` with the floating-point ones in `dtype`."""
+    return {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}
 
 
 def _compute_and_reply(context: ConnectionContext, compute, *args):
