@@ -16,12 +16,16 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from swarm import AutoDistributedModel
+from swarm.checkpoint import CheckpointIndex, load_model_config
 from swarm.errors import BadRequestError
 from swarm.launch import LocalSwarm
+from swarm.models import FAMILIES, family_for
+from swarm.models.base import load_span
 from swarm.server.batching import ComputeThread
 from swarm.spans import BlockSpan
 from swarm.transport import Connection
 from tests.conftest import ATOL, assert_same_generation
+from tests.test_architectures import ARCHITECTURES, make_model
 from tests.test_fast_path import load
 
 SPAN = BlockSpan(1, 4)
@@ -177,6 +181,28 @@ def test_sessions_of_equal_lengths_batch_without_a_mask(llama_span):
     generator = torch.Generator().manual_seed(2)
     steps = [(step_inputs(loaded, generator, 1), prefilled(family, loaded, generator, 1, 4)) for _ in range(3)]
     assert_batch_matches_alone(family, loaded, steps)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_decoder_architecture_batches_exactly_or_runs_alone(name, tmp_path):
+    """Sessions of different lengths, one left-padded with beams, of each architecture the suite serves: batched
+    like alone, or (sliding windows, alibi) never given a batch key."""
+    config, weights = load_model_config(make_model(tmp_path / name, name), FAMILIES)
+    family = family_for(config)
+    config = family.prepare_config(config)  # with the attention implementation a server would use
+    loaded = load_span(family, config, CheckpointIndex(weights), SPAN, torch.float32, "cpu")
+    generator = torch.Generator().manual_seed(3)
+    padded = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    states = [prefilled(family, loaded, generator, 1, 9), prefilled(family, loaded, generator, 2, 6, mask=padded),
+              prefilled(family, loaded, generator, 1, 3)]  # fmt: skip
+    steps = [(step_inputs(loaded, generator, 1), states[0]), (step_inputs(loaded, generator, 2, hypo_ids=torch.tensor([1, 0])), states[1]),
+             (step_inputs(loaded, generator, 1), states[2])]  # fmt: skip
+    keys = {family.batch_key(loaded, SPAN, inputs, state, None) for inputs, state in steps}
+    if keys == {None}:
+        assert family.position_bias is not None or any(layer.is_sliding for layer in states[0].cache.layers), name
+    else:
+        assert keys == {(SPAN, 1)}
+        assert_batch_matches_alone(family, loaded, steps)
 
 
 def test_sliding_window_sessions_run_alone(tmp_path):
