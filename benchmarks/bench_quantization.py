@@ -100,6 +100,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
     args = parser.parse_args()
     checkpoint = smollm2_checkpoint()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -112,7 +113,8 @@ def main():
     rows.append(["local float32", "-", f"{generate_timed(local, prompt, args.new_tokens).tokens_per_second:.2f}",
                  "0", "100.0%", f"{perplexity(local, text_ids):.3f}"])  # fmt: skip
     with tempfile.TemporaryDirectory() as work:
-        for name, server_args in PRECISIONS.items():
+        for name in args.precisions:
+            server_args = PRECISIONS[name]
             copies = [private_copy(checkpoint, Path(work) / f"{name}-{span}") for span in ("all", "one")]
             with LocalSwarm(copies[0], ["0:30"], server_args=server_args, log_dir=Path(work) / f"logs-{name}") as swarm:
                 config = ClientConfig(initial_peers=swarm.initial_peers, pinned_peers={peer_id(swarm.servers[0])})

@@ -9,10 +9,16 @@ precision (`ClientConfig.min_precision`): bits per weight, float32 > float16 = b
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
+
 import torch
 from torch import nn
 
 from swarm.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
 
 QUANT_TYPES = ("none", "int8", "nf4")
 PRECISION_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8, "nf4": 4}
@@ -34,14 +40,46 @@ def quantize_linears(module: nn.Module, quant_type: str, dtype: torch.dtype, dev
         import bitsandbytes as bnb
     except ImportError:
         raise ConfigurationError(f"--quant-type {quant_type} needs bitsandbytes: pip install 'swarm[quantization]'") from None
+    replaced = _replace_linears(bnb, module, quant_type, dtype, device)
+    _own_unquantized_tensors(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
+    return replaced
+
+
+def return_freed_memory():
+    """Hands the memory that quantizing freed back to the operating system. Quantizing a layer allocates and
+    frees copies of its weights, and glibc's allocator keeps what was freed for later (measured on SmolLM2's 30
+    blocks in int8: 339 MiB held after loading, 152 MiB after this; the weights take 101 MiB)."""
+    library = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(library).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc: its allocator returns memory its own way
+        logger.debug("No malloc_trim here; freed memory stays with the allocator")
+        return
+    trim(0)
+
+
+def _replace_linears(bnb, module: nn.Module, quant_type: str, dtype: torch.dtype, device) -> int:
     replaced = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
             setattr(module, name, _quantized(bnb, child, quant_type, dtype, device))
             replaced += 1
         else:
-            replaced += quantize_linears(child, quant_type, dtype, device)
+            replaced += _replace_linears(bnb, child, quant_type, dtype, device)
     return replaced
+
+
+def _own_unquantized_tensors(module: nn.Module, quantized: tuple[type, ...]):
+    """Copies the tensors that quantization leaves as they are (norms, ...) out of whatever memory they share. A
+    server's weights are views of its checkpoint file mapped into memory; one view left keeps the whole mapping,
+    whose pages the quantized weights replaced, counted in the server's memory."""
+    for child in module.modules():
+        if isinstance(child, quantized):
+            continue
+        for name, parameter in child.named_parameters(recurse=False):
+            parameter.data = parameter.data.clone()
+        for name, buffer in child.named_buffers(recurse=False):
+            child.register_buffer(name, buffer.clone(), persistent=name not in child._non_persistent_buffers_set)
 
 
 def _quantized(bnb, linear: nn.Linear, quant_type: str, dtype: torch.dtype, device) -> nn.Module:
@@ -54,5 +92,5 @@ def _quantized(bnb, linear: nn.Linear, quant_type: str, dtype: torch.dtype, devi
         quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=dtype, quant_type="nf4")
         quantized.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
     if bias:
-        quantized.bias = nn.Parameter(linear.bias.data.to(dtype), requires_grad=False)
+        quantized.bias = nn.Parameter(linear.bias.data.to(dtype, copy=True), requires_grad=False)
     return quantized.to(device)  # bitsandbytes quantizes the weights as they move to the device

@@ -30,7 +30,7 @@ from torch import nn
 from swarm.checkpoint import CheckpointIndex
 from swarm.errors import ConfigurationError
 from swarm.models.state import SequenceState
-from swarm.quantization import quantize_linears
+from swarm.quantization import quantize_linears, return_freed_memory
 from swarm.spans import BlockSpan
 
 Tensors = dict[str, torch.Tensor]
@@ -219,6 +219,8 @@ def load_span(
         quantize_linears(block, quant_type, dtype, device)
         if progress is not None:
             progress.update(1)
+    if quant_type != "none":
+        return_freed_memory()
     helpers = family.build_helpers(config, device, checkpoint, span)
     loaded = LoadedSpan(config, span, nn.ModuleList(blocks), dtype, torch.device(device), helpers, quant_type=quant_type)
     loaded.fast_path = quant_type == "none" and family.check_fast_path(loaded)  # fast paths read plain weights
