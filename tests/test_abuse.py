@@ -127,7 +127,7 @@ BAD_REQUESTS = {
     "boolean span": ({"method": "forward", "start": True, "end": 5}, {"hidden_states": HIDDEN}, "not within this server's span"),
     "span outside": ({"method": "forward", "start": 0, "end": 6}, {"hidden_states": HIDDEN}, "not within this server's span"),
     "integer hidden states": ({"method": "forward", "start": 0, "end": 5}, {"hidden_states": torch.zeros(1, 2, WIDTH, dtype=torch.int64)}, "must be torch.float32"),
-    "half hidden states": ({"method": "forward", "start": 0, "end": 5}, {"hidden_states": torch.zeros(1, 2, WIDTH, dtype=torch.float16)}, "must be torch.float32"),
+    "two float dtypes": ({"method": "forward", "start": 0, "end": 5}, {"hidden_states": torch.zeros(1, 2, WIDTH, dtype=torch.float16), "attention_mask": torch.ones(1, 2)}, "in one of float32, bfloat16, float16"),
     "wrong width": ({"method": "forward", "start": 0, "end": 5}, {"hidden_states": torch.zeros(1, 2, WIDTH + 1)}, "must have shape"),
     "no hidden states": ({"method": "forward", "start": 0, "end": 5}, {}, "no 'hidden_states'"),
     "empty hidden states": ({"method": "forward", "start": 0, "end": 5}, {"hidden_states": torch.zeros(1, 0, WIDTH)}, "must have shape"),
