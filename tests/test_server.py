@@ -96,7 +96,7 @@ def test_bad_steps_get_clear_errors(first_server):
     with pytest.raises(BadRequestError, match=r"hidden_states must have shape \(batch, tokens, 60\)"):
         step(first_server, session_id, torch.zeros(1, 2, 59))
     with pytest.raises(BadRequestError, match="must be torch.float32"):
-        step(first_server, session_id, torch.zeros(1, 2, 60, dtype=torch.float16))
+        step(first_server, session_id, torch.zeros(1, 2, 60, dtype=torch.int64))
     reply, outputs = step(first_server, session_id, torch.zeros(1, 6, 60))
     assert reply["length"] == 6 and outputs["hidden_states"].shape == (1, 6, 60)
     with pytest.raises(BadRequestError, match="past the session's max_length 8"):
