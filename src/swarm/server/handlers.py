@@ -4,7 +4,7 @@ Requests are `{"method": ..., ...fields}` plus named tensors (see `swarm.wire`).
 in float32, bfloat16 or float16 (all in one): the server computes in its own dtype and answers, and pushes on, in
 the one they came in.
 
-    info                                    -> model, span, dtype, version, open sessions, limits, push counts
+    info                                    -> model, span, dtype, version, open sessions, limits, push and batch counts
     forward  start, end         + tensors   -> tensors        (no cache)
     open     start, end, max_length         -> session_id
     step     session_id [phases] + tensors  -> tensors, length  (phases: for a round-trip model, the ones
