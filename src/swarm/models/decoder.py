@@ -158,7 +158,8 @@ class DecoderFamily(ModelFamily):
     def forward_batch(self, loaded: LoadedSpan, sub_span: BlockSpan, steps: list[tuple[Tensors, SequenceState]]) -> list[Tensors]:
         """Stacks the sessions' rows; each session's past keys and values are left-padded to the longest past and
         the padding masked out, as a padded batch of one session would be. Each row keeps its own positions, mask
-        and beam order (`hypo_ids`). The sessions' caches are replaced only once every block has run."""
+        and beam order (`hypo_ids`). The sessions' caches are replaced only once every block has run, by copies of
+        their rows."""
         device, tokens = loaded.device, steps[0][0]["hidden_states"].shape[1]
         past = max(state.length for _, state in steps)
         hidden = torch.cat([inputs["hidden_states"].to(device) for inputs, _ in steps])
@@ -186,13 +187,13 @@ class DecoderFamily(ModelFamily):
                 merged, own = cache.layers[index], state.cache.layers[index]
                 if not own.is_initialized:
                     own.lazy_initialization(merged.keys, merged.values)
-                own.keys, own.values = merged.keys[own_rows, :, own_start:], merged.values[own_rows, :, own_start:]
+                # copies, not views: a view would keep every session's rows alive while this session idles
+                own.keys, own.values = merged.keys[own_rows, :, own_start:].clone(), merged.values[own_rows, :, own_start:].clone()
             if order is not None:
                 state.kept = {name: tensor[order.to(tensor.device)] for name, tensor in state.kept.items()}
             state.advance(own_mask, batch, tokens)
-            layers = {LAYER_OUTPUT.format(index): outputs[LAYER_OUTPUT.format(index)][own_rows] for index in _wanted(inputs) & wanted
-                      if LAYER_OUTPUT.format(index) in outputs}  # fmt: skip
-            results.append({"hidden_states": hidden[own_rows], **layers})
+            names = [LAYER_OUTPUT.format(index) for index in _wanted(inputs)]
+            results.append({"hidden_states": hidden[own_rows], **{name: outputs[name][own_rows] for name in names if name in outputs}})
             start += batch
         return results
 
