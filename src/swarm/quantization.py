@@ -76,7 +76,7 @@ def _own_unquantized_tensors(module: nn.Module, quantized: tuple[type, ...]):
     for child in module.modules():
         if isinstance(child, quantized):
             continue
-        for name, parameter in child.named_parameters(recurse=False):
+        for parameter in child.parameters(recurse=False):
             parameter.data = parameter.data.clone()
         for name, buffer in child.named_buffers(recurse=False):
             child.register_buffer(name, buffer.clone(), persistent=name not in child._non_persistent_buffers_set)
