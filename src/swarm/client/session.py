@@ -295,8 +295,8 @@ class InferenceSession:
 
     def _push_step(self, current: Tensors) -> tuple[dict, Tensors, Tensors]:
         """One pass down the route, in runs of hops that push to each other (see `swarm.server.push`): the client
-        sends the first hop of a run the step and the others a step that awaits its push, then reads every hop's
-        outputs. A hop that could not push to the next, or whose link to it is slower than the way through the client
+        sends the first hop of a run the step, then the others a step that awaits its push (the first hop computes
+        meanwhile), then reads every hop's outputs. A hop that could not push to the next, or whose link to it is slower than the way through the client
         (`push_round_trip` against the client's pings), makes the client relay between the two from then on; a hop
         that fails is replaced (its history replayed, as in relay) and the run goes on from its replacement, which
         pushes to the hop after it (whose step still awaits). Returns the last reply's fields, the last hop's outputs
@@ -308,11 +308,10 @@ class InferenceSession:
             sessions, end = self._server_sessions, self._run_end(index)
             at = index
             try:
-                for at in range(index + 1, end + 1):
+                sessions[index].send_step(current, sessions[index + 1].push_target(remote) if index < end else None)
+                for at in range(index + 1, end + 1):  # a push that comes before its await waits for it on the server
                     if not sessions[at].owed:
                         sessions[at].send_await(sessions[at + 1].push_target(remote) if at < end else None, timeout * (end - index + 1))
-                at = index
-                sessions[index].send_step(current, sessions[index + 1].push_target(remote) if index < end else None)
                 for at in range(index, end + 1):
                     if (fields := sessions[at].receive_step(current, self.steps, timeout * (at - index + 1))) is None:
                         break  # no push came: the client sends this hop the step itself
@@ -352,12 +351,11 @@ class InferenceSession:
         await_timeout = timeout * len(plan)
         reply, outputs, relay_from, failing = {}, {}, len(plan), plan[0][0]
         try:
+            sessions[failing].send_step(current, targets[0], plan[0][1], positions[0])
             for at, (index, phases) in enumerate(plan[1:], 1):
                 if plan[at - 1][0] < index:  # the hop's first request of the trip (its way down)
                     failing = index
                     sessions[index].send_await(targets[at], await_timeout, phases, positions[at])
-            failing = plan[0][0]
-            sessions[failing].send_step(current, targets[0], plan[0][1], positions[0])
             for at, (index, phases) in enumerate(plan):
                 failing = index
                 fields = sessions[index].receive_step(current, self.steps, timeout * (at + 1), phases)
