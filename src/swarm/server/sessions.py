@@ -30,6 +30,11 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock)  # one step at a time
     mailbox: Mailbox = field(default_factory=Mailbox)  # inputs the previous server of the route pushed
     requests: int = 0  # steps it has run (a round-trip model's steps name their position so)
+    nbytes: int = 0  # bytes its state holds, as of its last step (see `counted`)
+
+    def counted(self):
+        """Counts the bytes the session's state holds now (after a step or a crop), for `SessionManager.nbytes`."""
+        self.nbytes = self.state.nbytes()
 
 
 class SessionManager:
@@ -40,6 +45,7 @@ class SessionManager:
 
     def open(self, span: BlockSpan, max_length: int, state: Any) -> Session:
         session = Session(id=uuid.uuid4().hex, span=span, max_length=max_length, state=state)
+        session.counted()
         with self._lock:
             self._sessions[session.id] = session
         logger.debug(f"Opened session {session.id} on blocks {span}, max_length {max_length}")
@@ -72,10 +78,10 @@ class SessionManager:
         return len(idle)
 
     def nbytes(self) -> int:
-        """Bytes held by every session's state."""
+        """Bytes held by every session's state, as counted after its last step: a server asks before every step,
+        and counting every state's tensors then would cost each step time in proportion to the sessions open."""
         with self._lock:
-            sessions = list(self._sessions.values())
-        return sum(session.state.nbytes() for session in sessions)
+            return sum(session.nbytes for session in self._sessions.values())
 
     def __len__(self) -> int:
         return len(self._sessions)
