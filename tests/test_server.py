@@ -158,7 +158,7 @@ def test_a_client_that_stops_reading_does_not_hold_up_the_others(llama_swarm_3, 
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         request = wire.encode({"method": "forward", "start": 0, "end": 1}, {"hidden_states": hidden})
         # sent from a thread: the server may stop reading this connection while its reply waits for room
-        sender = threading.Thread(target=_send_ignoring_errors, args=(sock, b"".join(bytes(part) for part in request) * 3))
+        sender = threading.Thread(target=_send_ignoring_errors, args=(sock, b"".join(request) * 3))
         sender.start()
         session_id = open_session(first_server)
         started = time.monotonic()

@@ -9,7 +9,7 @@ from swarm.errors import ProtocolError
 
 
 def roundtrip(fields, tensors):
-    frame = b"".join(bytes(buffer) for buffer in wire.encode(fields, tensors))
+    frame = b"".join(wire.encode(fields, tensors))
     header_length, body_length = wire.decode_prefix(frame[:8])
     header = frame[8 : 8 + header_length]
     body = bytearray(frame[8 + header_length :])
@@ -29,6 +29,15 @@ def test_every_dtype_roundtrips(dtype):
 def test_non_contiguous_tensor_roundtrips():
     tensor = torch.randn(4, 6).t()
     assert torch.equal(roundtrip({}, {"t": tensor})[1]["t"], tensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_views_and_scalars_send_their_own_bytes(dtype):
+    whole = torch.randn(4, 6).to(dtype)
+    tensors = {"rows": whole[1:3], "scalar": whole[2, 5], "grad": torch.ones(3, requires_grad=True)}
+    sent = roundtrip({}, tensors)[1]
+    assert torch.equal(sent["rows"], whole[1:3]) and torch.equal(sent["scalar"], whole[2, 5])
+    assert sent["scalar"].shape == () and torch.equal(sent["grad"], torch.ones(3))
 
 
 def frame_parts(header: dict, body: bytes = b""):

@@ -196,7 +196,7 @@ def send_what_fits(sock: socket.socket, fields: dict[str, Any], tensors: dict[st
         sent = 0
     if sent == PREFIX_SIZE + len(buffers[1]) + wire.FRAME_PREFIX.unpack(buffers[0])[1]:
         return b""
-    return b"".join(bytes(buffer) for buffer in buffers)[sent:]
+    return b"".join(buffers)[sent:]
 
 
 def send_rest(sock: socket.socket, data: bytes, deadline: float):

@@ -16,11 +16,13 @@ import math
 import struct
 from typing import Any
 
+import numpy
 import torch
 
 from swarm.errors import ProtocolError
 
 FRAME_PREFIX = struct.Struct("<II")
+Buffer = bytes | numpy.ndarray  # what a frame is sent from
 MAX_HEADER_BYTES = 1 << 20
 MAX_BODY_BYTES = 1 << 31
 
@@ -46,15 +48,16 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise ProtocolError(f"dtype {dtype} cannot travel on the wire; supported: {sorted(DTYPES)}") from None
 
 
-def encode(fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> list[bytes | memoryview]:
+def encode(fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> list[Buffer]:
     """Builds one frame as a list of buffers, ready for `socket.sendmsg` (tensor bytes are not copied)."""
     descriptors, buffers, body_length = [], [], 0
     for name, tensor in (tensors or {}).items():
         if tensor.requires_grad or tensor.device.type != "cpu" or not tensor.is_contiguous():
             tensor = tensor.detach().cpu().contiguous()
-        descriptors.append({"name": name, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)})
-        if nbytes := tensor.nbytes:
-            buffers.append(memoryview(tensor.view(torch.uint8).numpy()).cast("B"))
+        dtype = tensor.dtype
+        descriptors.append({"name": name, "dtype": dtype_name(dtype), "shape": [*tensor.shape]})
+        if nbytes := tensor.nbytes:  # the tensor's own memory, through numpy (which has no bfloat16: its bits then)
+            buffers.append((tensor.view(torch.int16) if dtype is torch.bfloat16 else tensor).numpy())
             body_length += nbytes
     header = _JSON_ENCODER.encode({**fields, "tensors": descriptors}).encode()
     return [FRAME_PREFIX.pack(len(header), body_length), header, *buffers]
