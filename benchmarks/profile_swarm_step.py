@@ -7,7 +7,8 @@ server runs `swarm.server`'s `main()` through a wrapper (the `TIMED_SERVER` code
 itself is unchanged) that times, inside the server process, each step request from the moment its
 frame has been read to the moment its reply has been sent, the part before the reply is encoded
 (checks, the hand-over to the compute thread, the family's `forward`), and `forward` within it. The
-client times each hop's round trip and its own `lm_head`; the local Hugging Face model times its
+client relays every hop (`ClientConfig(push=False)`), so that it can time each hop's round trip, and times its own
+`lm_head`; the local Hugging Face model times its
 `LlamaModel` body (embeddings, 30 layers, norm) and `lm_head`. Prints, for decode steps and for the
 first token, the median and (in brackets) the 10th percentile over `--repeats` greedy generations
 after one warm-up; on a busy machine the 10th percentile is the better guess at the cost when no
@@ -42,6 +43,7 @@ from timing import (
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from swarm import AutoDistributedModel
+from swarm.client.config import ClientConfig
 from swarm.launch import PeerProcess, start_bootstrap
 from swarm.models import family_for
 from swarm.transport import Connection
@@ -197,7 +199,7 @@ def time_session_opening(model, max_length: int, repeats: int) -> dict[str, list
         model.remote.plan_route()
         plans.append(time.perf_counter() - started)
         started = time.perf_counter()
-        with model.remote.inference_session(max_length):
+        with model.inference_session(max_length):
             opens.append(time.perf_counter() - started)
             started = time.perf_counter()
         closes.append(time.perf_counter() - started)
@@ -207,7 +209,8 @@ def time_session_opening(model, max_length: int, repeats: int) -> dict[str, list
 def profile_swarm(checkpoint: Path, swarm: TimedSwarm, inputs: dict, args):
     """Returns the client's timings, each hop's round trips and each server's step timings, the last
     two by span as (prefills, decode steps)."""
-    model = AutoDistributedModel.from_pretrained(checkpoint, initial_peers=swarm.initial_peers)
+    relaying = ClientConfig(push=False)  # every hop a request of the client's, timed by it
+    model = AutoDistributedModel.from_pretrained(checkpoint, initial_peers=swarm.initial_peers, client_config=relaying)
     head = ModuleClock(model.lm_head)
     try:
         generate_timed(model, inputs, args.max_new_tokens)

@@ -101,33 +101,6 @@ def test_a_session_alone_never_waits_and_a_batch_waits_for_its_sessions():
     assert recorder.runs[-2:] == [["p"], ["q"]]
 
 
-def test_a_waiting_caller_runs_its_task_itself_only_when_the_thread_has_nothing_else():
-    compute, recorder = ComputeThread(batch_wait=5.0), Recorder()
-    caller = threading.current_thread()
-    try:
-        assert compute.submit(threading.current_thread, here=True).result(10) is caller
-        assert compute.submit(threading.current_thread).result(10) is not caller  # not asked to
-        step = compute.submit_batchable("key", "x", 1, "x", threading.current_thread, recorder.together, here=True)
-        assert step.result(10) is caller
-        release = blocked(compute)
-        queued = compute.submit(threading.current_thread, here=True)  # the thread is busy: it waits its turn
-        assert not queued.done()
-        release.set()
-        assert queued.result(10) not in (caller, None)
-        release = blocked(compute)
-        first = [compute.submit_batchable("key", member, 1, member, recorder.alone(member), recorder.together) for member in "xy"]
-        release.set()
-        for future in first:
-            future.result(10)
-        again = compute.submit_batchable("key", "x", 1, "x again", threading.current_thread, recorder.together, here=True)
-        assert not again.done(), "a step that waits for its batch ran at once"
-        compute.submit_batchable("key", "y", 1, "y again", recorder.alone("y again"), recorder.together).result(10)
-        assert again.result(10) == "x again"  # ran with y's step, on the compute thread
-    finally:
-        compute.shutdown()
-    assert recorder.runs == [["x", "y"], ["x again", "y again"]]
-
-
 @pytest.fixture(scope="module")
 def llama_span(tiny_llama):
     return load(tiny_llama, SPAN)

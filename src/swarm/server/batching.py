@@ -1,10 +1,7 @@
 """The server's compute thread, which batches steps of different sessions that wait for it together.
 
-Everything a server computes (loading its blocks, measuring them, every request) runs one task at a time, in the
-order it was submitted (`ComputeThread.submit`), on the compute thread; or, when the caller waits for the result
-anyway (`here=True`) and the compute thread has nothing to do and no one to wait for, on the caller's thread, which
-saves waking the compute thread (a thread switch costs tens of microseconds, and a hundred or more when the core
-it lands on has gone idle). A session's step that its family can run in a batch
+Everything a server computes (loading its blocks, measuring them, every request) runs on one thread, in the
+order it was submitted (`ComputeThread.submit`). A session's step that its family can run in a batch
 (`ModelFamily.batch_key`) is submitted with that key (`submit_batchable`). When the thread reaches such a
 step, it takes every queued step with the same key, one per session and up to `max_rows` rows (batch x new
 tokens) in all, and runs them together. Before that it waits, up to `batch_wait` seconds, for the sessions
@@ -71,30 +68,20 @@ class ComputeThread:
         self._changed = threading.Condition()
         self._steppers: dict[Hashable, dict[Hashable, _Stepper]] = {}  # key -> session -> its last step
         self._runs = 0  # batches and steps run alone, numbered
-        self._busy = False  # whether a task is running, or gathering its batch
         self._stopped = False
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, function: Callable, *args, here: bool = False) -> Future:
-        """Runs `function(*args)` alone, after what was submitted before; with `here`, on this thread if nothing
-        else is queued or running (the future is then done when this returns)."""
-        return self._put(_Task(lambda: function(*args)), here)
+    def submit(self, function: Callable, *args) -> Future:
+        """Runs `function(*args)` alone, after what was submitted before."""
+        return self._put(_Task(lambda: function(*args)))
 
     def submit_batchable(
-        self,
-        key: Hashable,
-        member: Hashable,
-        rows: int,
-        item: Any,
-        run_alone: Callable[[], Any],
-        run_together: RunTogether,
-        here: bool = False,
+        self, key: Hashable, member: Hashable, rows: int, item: Any, run_alone: Callable[[], Any], run_together: RunTogether
     ) -> Future:
         """A step of session `member` that may run with others of the same `key` (`run_together([item, ...])`)
-        or alone (`run_alone()`); with `here`, on this thread if it would run alone at once."""
-        task = _Task(run_alone, key=key, member=member, rows=rows, item=item, run_together=run_together)
-        return self._put(task, here)
+        or alone (`run_alone()`)."""
+        return self._put(_Task(run_alone, key=key, member=member, rows=rows, item=item, run_together=run_together))
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False):
         with self._changed:
@@ -107,47 +94,29 @@ class ComputeThread:
         if wait:
             self._thread.join()
 
-    def _put(self, task: _Task, here: bool) -> Future:
+    def _put(self, task: _Task) -> Future:
         with self._changed:
             if self._stopped:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            idle = not self._tasks and not self._busy
-            if not (here and idle and not self._awaited(task, {task.member}, time.monotonic())):
-                self._tasks.append(task)
-                self._changed.notify_all()
-                return task.future
-            self._busy = True
-        try:
-            task.future.set_running_or_notify_cancel()
-            _settle(task.future, task.run)
-            self._remember([task])
-        finally:
-            with self._changed:
-                self._busy = False
-                if self._tasks:  # queued meanwhile: the compute thread runs them now
-                    self._changed.notify_all()
+            self._tasks.append(task)
+            self._changed.notify_all()
         return task.future
 
     def _serve(self):
         while True:
             with self._changed:
-                while self._busy or (not self._tasks and not self._stopped):
+                while not self._tasks and not self._stopped:
                     self._changed.wait()
                 if not self._tasks:
                     return
-                self._busy = True
                 first = self._tasks.popleft()
                 batch = self._gather(first) if first.key is not None and self.batch_wait > 0 else [first]
-            try:
-                batch = [task for task in batch if task.future.set_running_or_notify_cancel()]
-                if len(batch) == 1:
-                    _settle(batch[0].future, batch[0].run)
-                elif batch:
-                    self._run_together(batch)
-                self._remember(batch)
-            finally:
-                with self._changed:
-                    self._busy = False
+            batch = [task for task in batch if task.future.set_running_or_notify_cancel()]
+            if len(batch) == 1:
+                _settle(batch[0].future, batch[0].run)
+            elif batch:
+                self._run_together(batch)
+            self._remember(batch)
 
     def _gather(self, first: _Task) -> list[_Task]:
         """`first` and the queued steps that can join it, after waiting for the active sessions' steps (called
@@ -163,19 +132,14 @@ class ComputeThread:
                     members.add(task.member)
                     rows += task.rows
             now = time.monotonic()
-            if not self._awaited(first, members, started) or rows >= self.max_rows or now >= deadline or self._stopped:
+            steppers = self._steppers.get(first.key, {})
+            cohort = steppers[first.member].batch if first.member in steppers else None
+            awaited = {member for member, stepper in steppers.items()
+                       if member not in members and stepper.expected() >= started - self.batch_wait  # not long overdue
+                       and (stepper.batch == cohort or stepper.expected() <= deadline)}  # fmt: skip
+            if not awaited or rows >= self.max_rows or now >= deadline or self._stopped:
                 return batch
             self._changed.wait(deadline - now)
-
-    def _awaited(self, first: _Task, members: set, started: float) -> set:
-        """The sessions whose steps a batch that `first` started at `started` waits for, beyond `members`."""
-        if first.key is None or self.batch_wait <= 0:
-            return set()
-        steppers = self._steppers.get(first.key, {})
-        cohort = steppers[first.member].batch if first.member in steppers else None
-        return {member for member, stepper in steppers.items()
-                if member not in members and stepper.expected() >= started - self.batch_wait  # not long overdue
-                and (stepper.batch == cohort or stepper.expected() <= started + self.batch_wait)}  # fmt: skip
 
     def _run_together(self, batch: list[_Task]):
         try:

@@ -165,19 +165,16 @@ class RequestHandler:
         return self._submit_step(call, tensors).result()
 
     def _submit_step(self, call: StepCall, tensors: Tensors) -> Future:
-        """Hands a step to the compute thread: in a batch with other sessions' steps if its family can batch it. A
-        step that would run alone at once runs on this thread instead (see `swarm.server.batching`): the
-        connection's, whose client waits for it, or the one of the push that brought its inputs."""
+        """Hands a step to the compute thread: in a batch with other sessions' steps if its family can batch it."""
         run_alone = functools.partial(self._run_step, call, tensors)
         try:
             key = self.family.batch_key(self.loaded, call.session.span, tensors, call.session.state, None) if call.phases == [None] else None
         except Exception:  # inputs that are not what the family takes: the step runs alone, which says what is wrong
             key = None
         if key is None:
-            return self.compute.submit(run_alone, here=True)
+            return self.compute.submit(run_alone)
         rows = max((tensor.shape[0] * tensor.shape[1] for tensor in tensors.values() if tensor.ndim > 1), default=0)
-        item = (call, tensors)
-        return self.compute.submit_batchable(key, call.session.id, rows, item, run_alone, self._run_steps_together, here=True)
+        return self.compute.submit_batchable(key, call.session.id, rows, (call, tensors), run_alone, self._run_steps_together)
 
     def _run_step(self, call: StepCall, tensors: Tensors):
         """On the compute thread: runs a step (and pushes it on) and sends its reply from there, one thread switch
@@ -361,10 +358,10 @@ class RequestHandler:
         return {"length": session.state.length}, outputs
 
     def _compute_and_reply(self, context: ConnectionContext, compute, *args):
-        """Runs `compute(*args)` on the compute thread (or on this one, if the compute thread is idle), in inference
-        mode, and sends the reply it makes from there, one thread switch sooner than this connection's thread could;
-        returns once it is sent. An error reaches the caller unsent, for the transport to answer with."""
-        self.compute.submit(_compute_and_reply, context, compute, *args, here=True).result()
+        """Runs `compute(*args)` on the compute thread, in inference mode, and sends the reply it makes from
+        there, one thread switch sooner than this connection's thread could; returns once it is sent. An
+        error reaches the caller unsent, for the transport to answer with."""
+        self.compute.submit(_compute_and_reply, context, compute, *args).result()
 
     def _phases(self, fields: dict[str, Any]) -> list[str | None]:
         """The phases a step runs, in order: [None] for a model that makes one pass per step."""
