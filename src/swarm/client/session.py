@@ -296,8 +296,9 @@ class InferenceSession:
     def _push_step(self, current: Tensors) -> tuple[dict, Tensors, Tensors]:
         """One pass down the route, in runs of hops that push to each other (see `swarm.server.push`): the client
         sends the first hop of a run the step, then the others a step that awaits its push (the first hop computes
-        meanwhile), then reads every hop's outputs. A hop that could not push to the next, or whose link to it is slower than the way through the client
-        (`push_round_trip` against the client's pings), makes the client relay between the two from then on; a hop
+        meanwhile), then reads every hop's outputs. A hop that could not push to the next, or whose link to it is
+        slower than the way through the client (`push_round_trip` against the client's pings), makes the client relay
+        between the two from then on; a hop
         that fails is replaced (its history replayed, as in relay) and the run goes on from its replacement, which
         pushes to the hop after it (whose step still awaits). Returns the last reply's fields, the last hop's outputs
         and the tensors as they left it."""
