@@ -7,9 +7,9 @@ server runs `swarm.server`'s `main()` through a wrapper (the `TIMED_SERVER` code
 itself is unchanged) that times, inside the server process, each step request from the moment its
 frame has been read to the moment its reply has been sent, the part before the reply is encoded
 (checks, the hand-over to the compute thread, the family's `forward`), and `forward` within it. The
-client relays every hop (`ClientConfig(push=False)`), so that it can time each hop's round trip, and times its own
-`lm_head`; the local Hugging Face model times its
-`LlamaModel` body (embeddings, 30 layers, norm) and `lm_head`. Prints, for decode steps and for the
+client relays every hop (`ClientConfig(push=False)`), so that it can time each hop's round trip, and
+times its own `lm_head`; the local Hugging Face model times its `LlamaModel` body (embeddings, 30
+layers, norm) and `lm_head`. Prints, for decode steps and for the
 first token, the median and (in brackets) the 10th percentile over `--repeats` greedy generations
 after one warm-up; on a busy machine the 10th percentile is the better guess at the cost when no
 other process got in the way.
