@@ -71,6 +71,26 @@ def test_steps_queued_together_run_together_one_per_session_and_key():
     assert (compute.batches, compute.batched_steps) == (1, 3)
 
 
+def test_busy_seconds_count_running_not_waiting():
+    compute, recorder = ComputeThread(batch_wait=5.0), Recorder()
+    try:
+        compute.submit(time.sleep, 0.2).result(10)
+        time.sleep(0.3)  # idle
+        release = blocked(compute)
+        first = [compute.submit_batchable("key", member, 1, member, recorder.alone(member), recorder.together) for member in "xy"]
+        release.set()
+        for future in first:
+            future.result(10)
+        future = compute.submit_batchable("key", "x", 1, "x", recorder.alone("x"), recorder.together)
+        time.sleep(0.3)  # the thread waits for y's step to batch it with x's
+        compute.submit_batchable("key", "y", 1, "y", recorder.alone("y"), recorder.together).result(10)
+        future.result(10)
+    finally:
+        compute.shutdown()
+    assert recorder.runs == [["x", "y"], ["x", "y"]]
+    assert 0.2 <= compute.busy_seconds < 0.4, compute.busy_seconds
+
+
 def test_a_session_alone_never_waits_and_a_batch_waits_for_its_sessions():
     compute, recorder = ComputeThread(batch_wait=5.0), Recorder()
     try:
@@ -290,3 +310,4 @@ def test_concurrent_clients_batch_and_each_gets_the_local_models_output(batching
     after = [server_info(server.address) for server in batching_swarm.servers]
     for old, new in zip(before, after):
         assert new["batches"] > old["batches"] and new["steps_batched"] >= 2 * (new["batches"] - old["batches"])
+        assert new["compute_seconds"] > old["compute_seconds"]

@@ -64,6 +64,7 @@ class ComputeThread:
         self.max_rows = max_rows  # rows (batch x new tokens) of one batch
         self.batches = 0  # forwards that ran several sessions' steps
         self.batched_steps = 0  # steps that ran in them
+        self.busy_seconds = 0.0  # time spent running tasks (not waiting for them, nor for a batch to fill)
         self._tasks: deque[_Task] = deque()
         self._changed = threading.Condition()
         self._steppers: dict[Hashable, dict[Hashable, _Stepper]] = {}  # key -> session -> its last step
@@ -112,10 +113,12 @@ class ComputeThread:
                 first = self._tasks.popleft()
                 batch = self._gather(first) if first.key is not None and self.batch_wait > 0 else [first]
             batch = [task for task in batch if task.future.set_running_or_notify_cancel()]
+            started = time.perf_counter()
             if len(batch) == 1:
                 _settle(batch[0].future, batch[0].run)
             elif batch:
                 self._run_together(batch)
+            self.busy_seconds += time.perf_counter() - started
             self._remember(batch)
 
     def _gather(self, first: _Task) -> list[_Task]:

@@ -4,7 +4,8 @@ Requests are `{"method": ..., ...fields}` plus named tensors (see `swarm.wire`).
 in float32, bfloat16 or float16 (all in one): the server computes in its own dtype and answers, and pushes on, in
 the one they came in.
 
-    info                                    -> model, span, dtype, version, open sessions, limits, push and batch counts
+    info                                    -> model, span, dtype, version, open sessions, limits, push and batch
+                                               counts, seconds of compute
     forward  start, end         + tensors   -> tensors        (no cache)
     open     start, end, max_length         -> session_id
     step     session_id [phases] + tensors  -> tensors, length  (phases: for a round-trip model, the ones
@@ -107,6 +108,7 @@ class RequestHandler:
         limits = {"max_request_tokens": self.limits.max_request_tokens, "max_batch_size": self.limits.max_batch_size}
         pushes = {f"steps_{name}": count for name, count in self.push_counts.items()}
         batches = {"batches": self.compute.batches, "steps_batched": self.compute.batched_steps}
+        batches["compute_seconds"] = self.compute.busy_seconds
         precision = {"dtype": dtype_name(self.loaded.dtype), "quant_type": self.loaded.quant_type}
         return {**info, **precision, "sessions": len(self.sessions), **limits, **pushes, **batches}, {}
 
