@@ -139,6 +139,7 @@ class DecoderFamily(ModelFamily):
         if state is not None:
             if (hypo_ids := inputs.get("hypo_ids")) is not None:
                 state.reorder(hypo_ids.to(loaded.device))
+            state.trim_windows()
             mask, cache = state.mask_with(mask, batch, tokens), state.cache
         mask = mask.to(loaded.device) if mask is not None else None
         hidden, outputs = self._run_layers(loaded, sub_span, hidden, mask, cache, positions, past, _wanted(inputs))

@@ -5,6 +5,11 @@ processed, its batch size, the attention mask of every position so far, and the 
 that sent them (an encoder's output for a decoder, the prompt embeddings for a UNet). Beam search reorders all of
 them at once (`reorder`), `crop` drops the positions past a length (draft tokens that assisted decoding did not
 accept), and `nbytes` says how much memory the session holds.
+
+A sliding-window layer (Mistral, Qwen2, Gemma 2 and 3, Phi-3, ...) keeps only the last positions of its window, so
+it could not take back a step past it. Its cache records a step's positions whole (transformers'
+`activate_past_recording`) until the next step begins (`trim_windows`), so that a `crop` sent with the next step can
+still drop the last step's positions, as assisted decoding does.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ class SequenceState:
     batch_size: int | None = None  # rows, fixed by the first step
     attention_mask: torch.Tensor | None = None  # (batch, length): every position's mask so far; None while all ones
     kept: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors kept from the step that sent them
+
+    def __post_init__(self):
+        for layer in _sliding_layers(self.cache):
+            layer.activate_past_recording()
 
     def check_step(self, hypo_ids: torch.Tensor | None, batch: int, tokens: int, max_length: int):
         """Raises `BadRequestError` unless a step of `tokens` new positions for `batch` rows fits this session."""
@@ -54,14 +63,27 @@ class SequenceState:
         require(0 <= length <= self.length, f"crop must be between 0 and the session's {self.length} positions, got {length}")
         if length == self.length:
             return
-        cache = self.cache
-        sliding = cache is not None and any(getattr(cache, "is_sliding", None) or [])
-        require(cache is not None and getattr(cache, "is_croppable", False) and not sliding,
+        cache, dropped = self.cache, self.length - length
+        require(cache is not None and getattr(cache, "is_croppable", False),
                 "this model's session cache cannot drop positions (no assisted decoding for it)")  # fmt: skip
-        cache.crop(length - self.length)
+        for layer in _sliding_layers(cache):
+            if layer.is_initialized and layer.get_seq_length() >= layer.sliding_window:
+                recorded = layer.keys.shape[-2] - (layer.sliding_window - 1)  # positions of the last step past the window
+                require(dropped <= recorded, f"this model's sliding-window caches can drop the last {recorded} positions "
+                                             f"(the last step's), not {dropped}")  # fmt: skip
+        for layer in getattr(cache, "layers", None) or [cache]:
+            if getattr(layer, "is_initialized", True):  # a layer of blocks this server does not run holds nothing
+                layer.crop(-dropped)
         if self.attention_mask is not None:
             self.attention_mask = self.attention_mask[:, :length]
         self.length = length
+
+    def trim_windows(self):
+        """Before a step: sliding-window layers forget the positions that left their window, which they kept for a
+        `crop` of the last step."""
+        for layer in _sliding_layers(self.cache):
+            if layer.is_initialized:
+                layer.crop(0)
 
     def mask_with(self, new_mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor | None:
         """The mask of every position once `tokens` new ones with `new_mask` (None: all ones) join; None while all ones."""
@@ -84,6 +106,11 @@ def extend_mask(past_mask: torch.Tensor | None, new_mask: torch.Tensor | None, b
     past_mask = past_mask if past_mask is not None else torch.ones(batch, past, dtype=torch.long)
     new_mask = new_mask if new_mask is not None else torch.ones(batch, tokens, dtype=torch.long)
     return torch.cat([past_mask.long(), new_mask.long().to(past_mask.device)], dim=1)
+
+
+def _sliding_layers(cache) -> list:
+    """The layers of a transformers cache that keep a sliding window of positions."""
+    return [layer for layer in getattr(cache, "layers", None) or [] if getattr(layer, "is_sliding", False)]
 
 
 def _cache_tensors(cache) -> list[torch.Tensor | None]:
