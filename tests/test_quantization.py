@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import GPT2Config, LlamaForCausalLM
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+from transformers.pytorch_utils import Conv1D
 
 from swarm import AutoDistributedModel
 from swarm.client.config import ClientConfig
@@ -119,3 +121,19 @@ def test_a_required_precision_routes_around_servers_below_it(tiny_llama, swarm):
 def test_bad_precisions_are_refused_by_name():
     with pytest.raises(ValueError, match="min_precision must be one of float32, float16, bfloat16, int8, nf4"):
         ClientConfig(min_precision="int4")
+
+
+@pytest.mark.parametrize("quant_type", ["int8", "nf4"])
+def test_gpt2s_conv1d_layers_are_quantized_as_the_linear_layers_they_are(quant_type):
+    config = GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=50, bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    block = GPT2Block(config).eval()
+    hidden = torch.randn(2, 5, 64)
+    with torch.inference_mode():
+        expected = block(hidden)[0]
+        assert quantize_linears(block, quant_type, torch.float32, "cpu") == 4  # attention's c_attn, c_proj; the MLP's
+        assert not any(isinstance(module, Conv1D) for module in block.modules())
+        quantized = block(hidden)[0]
+    error = (quantized - expected).abs().max().item()  # the block changes its input by about 4: a wrong weight shows
+    assert 0 < error < (0.01 if quant_type == "int8" else 0.1), error

@@ -1,7 +1,7 @@
 """Quantized blocks: a server may hold its blocks' linear layers in 8 bits (LLM.int8) or 4 bits (NF4).
 
 bitsandbytes does the quantization and the matrix products, on the CPU as on a GPU. Every `nn.Linear` inside a
-server's blocks is replaced by its bitsandbytes counterpart (`Linear8bitLt`, `Linear4bit`) holding the quantized
+server's blocks (and every transformers `Conv1D`, GPT-2's linear layer) is replaced by its bitsandbytes counterpart (`Linear8bitLt`, `Linear4bit`) holding the quantized
 weights; everything else (norms, embeddings of positions, fused expert tensors) keeps the server's dtype. A server
 announces what it runs (`ServerRecord.dtype`, `ServerRecord.quant_type`), and a client may require a minimum
 precision (`ClientConfig.min_precision`): bits per weight, float32 > float16 = bfloat16 > int8 > nf4.
@@ -15,6 +15,7 @@ import logging
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from swarm.errors import ConfigurationError
 
@@ -30,8 +31,8 @@ def precision_of(dtype: str, quant_type: str) -> str:
 
 
 def quantize_linears(module: nn.Module, quant_type: str, dtype: torch.dtype, device) -> int:
-    """Replaces every `nn.Linear` inside `module` (on `device`, in `dtype`) by its bitsandbytes counterpart with
-    quantized weights, computing in `dtype`; returns how many it replaced."""
+    """Replaces every `nn.Linear` and `Conv1D` inside `module` (on `device`, in `dtype`) by its bitsandbytes
+    counterpart with quantized weights, computing in `dtype`; returns how many it replaced."""
     if quant_type == "none":
         return 0
     if quant_type not in QUANT_TYPES:
@@ -61,8 +62,8 @@ def return_freed_memory():
 def _replace_linears(bnb, module: nn.Module, quant_type: str, dtype: torch.dtype, device) -> int:
     replaced = 0
     for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear):
-            setattr(module, name, _quantized(bnb, child, quant_type, dtype, device))
+        if (parts := _linear_parts(child)) is not None:
+            setattr(module, name, _quantized(bnb, *parts, quant_type, dtype, device))
             replaced += 1
         else:
             replaced += _replace_linears(bnb, child, quant_type, dtype, device)
@@ -82,15 +83,24 @@ def _own_unquantized_tensors(module: nn.Module, quantized: tuple[type, ...]):
             child.register_buffer(name, buffer.clone(), persistent=name not in child._non_persistent_buffers_set)
 
 
-def _quantized(bnb, linear: nn.Linear, quant_type: str, dtype: torch.dtype, device) -> nn.Module:
-    bias = linear.bias is not None
-    weight = linear.weight.data.to(dtype)
+def _linear_parts(module: nn.Module) -> tuple[int, int, torch.Tensor, torch.Tensor | None] | None:
+    """(input features, output features, weight as `nn.Linear` holds it, bias) of a linear layer: an `nn.Linear`, or
+    a `Conv1D`, which holds its weight transposed; None for any other module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, module.weight.data, module.bias
+    if isinstance(module, Conv1D):
+        return module.nx, module.nf, module.weight.data.t(), module.bias
+    return None
+
+
+def _quantized(bnb, inputs: int, outputs: int, weight: torch.Tensor, bias: torch.Tensor | None, quant_type: str, dtype, device):
+    weight = weight.to(dtype).contiguous()
     if quant_type == "int8":
-        quantized = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False, threshold=0.0)
+        quantized = bnb.nn.Linear8bitLt(inputs, outputs, bias=bias is not None, has_fp16_weights=False, threshold=0.0)
         quantized.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
-        quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=dtype, quant_type="nf4")
+        quantized = bnb.nn.Linear4bit(inputs, outputs, bias=bias is not None, compute_dtype=dtype, quant_type="nf4")
         quantized.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
-    if bias:
-        quantized.bias = nn.Parameter(linear.bias.data.to(dtype, copy=True), requires_grad=False)
+    if bias is not None:
+        quantized.bias = nn.Parameter(bias.data.to(dtype, copy=True), requires_grad=False)
     return quantized.to(device)  # bitsandbytes quantizes the weights as they move to the device
