@@ -11,6 +11,7 @@ from swarm.client.seq2seq_lm import DistributedModelForSeq2SeqLM
 from swarm.launch import LocalSwarm
 from tests.conftest import ATOL, assert_same_generation
 from tests.test_push import push_counts
+from tests.test_speculative import counted_crops
 
 
 def make_tiny_t5(directory, **overrides):
@@ -109,6 +110,31 @@ def test_seeded_sampling_matches_local(t5_setup):
     remote = model.generate(input_ids, **settings)
     torch.manual_seed(3)
     assert torch.equal(remote, local.generate(input_ids, cache=fresh_cache(), **settings))
+
+
+@pytest.fixture(scope="module")
+def t5_draft():
+    """A smaller T5 of the same vocabulary, whose drafts the tiny T5 mostly rejects."""
+    torch.manual_seed(5)
+    config = T5Config(vocab_size=90, d_model=24, d_kv=8, d_ff=30, num_layers=2, num_heads=3, relative_attention_num_buckets=8,
+                      initializer_factor=3.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)  # fmt: skip
+    return T5ForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("assisted", ["prompt lookup", "draft model"])
+def test_assisted_decoding_matches_the_local_models(t5_setup, t5_draft, assisted, monkeypatch):
+    """Each step runs the drafts through the decoder's servers at once (across the encoder/decoder boundary's
+    server, pushing) and the ones not accepted are cropped. The reference is the local model's own assisted
+    decoding: transformers' T5 gives logits for several decoder tokens at once that differ by up to 1e-3 from
+    those it gives one at a time."""
+    model, local = t5_setup
+    input_ids = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 1]])
+    settings = dict(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assistance = {"prompt_lookup_num_tokens": 3} if assisted == "prompt lookup" else {"assistant_model": t5_draft}
+    dropped = counted_crops(monkeypatch)
+    remote = model.generate(input_ids, **settings, **assistance)
+    assert_same_generation(remote, local.generate(input_ids, cache=fresh_cache(), **settings, **assistance))
+    assert any(count > 0 for count in dropped), f"no draft was ever rejected: {dropped}"
 
 
 def test_hidden_states_match_local(t5_setup):

@@ -108,6 +108,29 @@ class SwarmModelMixin:
         return cache
 
 
+class SessionCache:
+    """What `generate()`'s assisted decoding sees of the servers' caches: their length, and a `crop` that drops the
+    draft tokens it did not accept (from every hop, with the next step)."""
+
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(self, session: InferenceSession):
+        self.session = session
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.session.position
+
+    def activate_past_recording(self):
+        pass  # the servers' caches keep what a crop of the last step needs (see `swarm.models.state`)
+
+    def crop(self, tokens_to_remove: int):
+        """Drops the last `-tokens_to_remove` positions (transformers' convention: a negative count)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of positions to drop, got {tokens_to_remove}")
+        self.session.crop(self.session.position + tokens_to_remove)
+
+
 class RemoteStack(nn.Module):
     """Stands in for a stack of blocks: called as the stack's first block, it runs them all in the swarm.
 

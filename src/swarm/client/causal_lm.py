@@ -19,33 +19,10 @@ import torch
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.utils import ModelOutput
 
-from swarm.client.base import SwarmModelMixin
+from swarm.client.base import SessionCache, SwarmModelMixin
 from swarm.client.session import InferenceSession
 
 logger = logging.getLogger(__name__)
-
-
-class SessionCache:
-    """What `generate()`'s assisted decoding sees of the servers' caches: their length, and a `crop` that drops the
-    draft tokens it did not accept (from every hop, with the next step)."""
-
-    is_croppable = True
-    is_compileable = False
-
-    def __init__(self, session: InferenceSession):
-        self.session = session
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.session.position
-
-    def activate_past_recording(self):
-        pass  # the servers' caches keep every position until cropped
-
-    def crop(self, tokens_to_remove: int):
-        """Drops the last `-tokens_to_remove` positions (transformers' convention: a negative count)."""
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop takes a negative number of positions to drop, got {tokens_to_remove}")
-        self.session.crop(self.session.position + tokens_to_remove)
 
 
 class DistributedModelForCausalLM(SwarmModelMixin):

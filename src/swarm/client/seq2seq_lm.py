@@ -7,7 +7,9 @@ works with greedy decoding, sampling and beam search (`num_beams`), as do the pi
 encoder's blocks run as one forward pass through the encoder's servers; the decoder's run in an inference
 session whose servers keep the encoder output (sent with the first step) and both attention caches. Each
 decoding that `GenerationMixin.generate` starts gets a session of its own: Whisper's long-form transcription
-decodes every 30-second window (and each temperature fallback) afresh.
+decodes every 30-second window (and each temperature fallback) afresh. Assisted decoding
+(`prompt_lookup_num_tokens=...`, `assistant_model=...`) sends a step's draft tokens through the decoder's servers
+at once and crops the ones not accepted, as for a causal LM.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import functools
 import inspect
 
 import torch
+from transformers.generation.configuration_utils import GenerationMode
 
-from swarm.client.base import SwarmModelMixin
+from swarm.client.base import SessionCache, SwarmModelMixin
 
 
 class DistributedModelForSeq2SeqLM(SwarmModelMixin):
@@ -36,7 +39,10 @@ class DistributedModelForSeq2SeqLM(SwarmModelMixin):
                 positions = torch.arange(session.position, session.position + tokens, device=decoder_inputs.device)
                 kwargs["decoder_position_ids"] = positions.unsqueeze(0).expand(decoder_inputs.shape[0], -1)
         with self._without_session(use_cache is False):
-            return super().forward(*args, cache=None, use_cache=False, **kwargs)
+            outputs = super().forward(*args, cache=None, use_cache=False, **kwargs)
+        if isinstance(cache, SessionCache):
+            outputs.cache = cache  # assisted decoding crops it
+        return outputs
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
         """The model's `generate`, each decoding it starts in an inference session of its own (or all of them
@@ -51,19 +57,27 @@ class DistributedModelForSeq2SeqLM(SwarmModelMixin):
             self._swarm_local.generating = False
             self._end_generation_session()
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode=None, *args, **kwargs):
         """Called once by each decoding `GenerationMixin.generate` starts: its session opens here."""
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, *args, **kwargs)
         if getattr(self._swarm_local, "generating", False):
             self._end_generation_session()
-            context = self.inference_session(max_length=generation_config.max_length)
+            drafts = _drafts(generation_config) if generation_mode == GenerationMode.ASSISTED_GENERATION else 0
+            context = self.inference_session(max_length=generation_config.max_length + drafts)
             context.__enter__()
             self._swarm_local.generation_session = context
+        if generation_mode == GenerationMode.ASSISTED_GENERATION and self.active_session is not None:
+            model_kwargs["cache"] = SessionCache(self.active_session)
 
     def _end_generation_session(self):
         context, self._swarm_local.generation_session = getattr(self._swarm_local, "generation_session", None), None
         if context is not None:
             context.__exit__(None, None, None)
+
+
+def _drafts(generation_config) -> int:
+    """Draft positions that assisted decoding's last step may run past `max_length`, before cropping them."""
+    return generation_config.prompt_lookup_num_tokens or generation_config.num_assistant_tokens or 20
 
 
 @functools.cache
