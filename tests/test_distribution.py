@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, T5ForConditionalGeneration
 import swarm
 from swarm import AutoDistributedModel
 from swarm.client.config import ClientConfig
-from swarm.distribution.fetch import fetch_files
+from swarm.distribution.fetch import fetch_files, resolve
 from swarm.distribution.manifest import ManifestError
 from swarm.distribution.publish import TORRENT_FILE
 from swarm.distribution.records import Announcement, Seeder, announce_model, announce_seeder, choose_announcement
@@ -249,7 +249,21 @@ def test_an_announcement_with_a_forged_signature_is_ignored(seeded, dht_client):
     tampered = replace(genuine, name="tiny-tampered", manifest=dict(genuine.manifest, name="tiny-tampered"))
     announce_model(dht_client, tampered)  # signed by nobody: the genuine signature does not cover the change
     with pytest.raises(swarm.errors.ConfigurationError, match="nobody in the swarm announces"):
-        download(dht_client, "tiny-tampered", "127.0.0.42", Path("/nonexistent"))
+        resolve(dht_client, "tiny-tampered", wait=1.0)
+
+
+def test_a_name_announced_a_moment_after_the_look_up_is_found(seeded, dht_client, tmp_path):
+    """A peer that has just joined the DHT may not see a name at once: the look-up tries again for a while."""
+    late = forged(seeded.published.announcement, Identity.load_or_create(tmp_path / "late.key"), name="tiny-late",
+                  manifest=dict(seeded.published.announcement.manifest, name="tiny-late"))  # fmt: skip
+    announcer = threading.Timer(1.5, announce_model, args=(dht_client, late))
+    announcer.start()
+    try:
+        started = time.monotonic()
+        assert resolve(dht_client, "tiny-late", wait=20.0) == late
+        assert time.monotonic() - started >= 1.0
+    finally:
+        announcer.cancel()
 
 
 def test_two_publishers_of_one_name(seeded, dht_client, tmp_path):

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 ANNOUNCEMENT_FILE = ".swarm-announcement.json"  # in the model folder: what it was fetched as
 DEFAULT_TIMEOUT = 600.0  # seconds a download may take before it fails
+RESOLVE_WAIT = 15.0  # seconds a name may take to show up in the DHT (a peer that has just joined sees it late)
+RESOLVE_PERIOD = 0.5  # seconds between look-ups while it has not
 
 
 def models_cache() -> Path:
@@ -57,10 +60,16 @@ def split_pin(name: str) -> tuple[str, str | None]:
     return base, (pinned.lower() or None)
 
 
-def resolve(dht: DHT, name: str) -> Announcement:
-    """The announcement a peer uses for `name` (see `swarm.distribution.records.choose_announcement`)."""
+def resolve(dht: DHT, name: str, wait: float = RESOLVE_WAIT) -> Announcement:
+    """The announcement a peer uses for `name` (see `swarm.distribution.records.choose_announcement`), looked up
+    again for up to `wait` seconds while nobody announces it."""
     base, pinned = split_pin(name)
+    deadline = time.monotonic() + wait
     announcements = fetch_announcements(dht, base)
+    while not any(pinned in (None, item.info_hash) for item in announcements) and time.monotonic() < deadline:
+        logger.debug(f"Nobody announces {name!r} yet; looking again in {RESOLVE_PERIOD} s")
+        time.sleep(RESOLVE_PERIOD)
+        announcements = fetch_announcements(dht, base)
     seeders = {item.info_hash: len(fetch_seeders(dht, item.info_hash)) for item in announcements}
     return choose_announcement(base, announcements, seeders, pinned)
 
@@ -97,7 +106,7 @@ def fetch_files(
 ) -> FetchedModel:
     """Looks `name` up and downloads the files `wanted(manifest)` names into `cache_dir` (default
     ~/.cache/swarm/models/NAME-<hash>), which becomes a checkpoint folder of the model."""
-    announcement = resolve(dht, name)
+    announcement = resolve(dht, name, wait=min(timeout, RESOLVE_WAIT))
     manifest = announcement.checked_manifest()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(manifest.name, announcement.info_hash)
     cache_dir.mkdir(parents=True, exist_ok=True)
