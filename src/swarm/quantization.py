@@ -1,10 +1,11 @@
 """Quantized blocks: a server may hold its blocks' linear layers in 8 bits (LLM.int8) or 4 bits (NF4).
 
 bitsandbytes does the quantization and the matrix products, on the CPU as on a GPU. Every `nn.Linear` inside a
-server's blocks (and every transformers `Conv1D`, GPT-2's linear layer) is replaced by its bitsandbytes counterpart (`Linear8bitLt`, `Linear4bit`) holding the quantized
-weights; everything else (norms, embeddings of positions, fused expert tensors) keeps the server's dtype. A server
-announces what it runs (`ServerRecord.dtype`, `ServerRecord.quant_type`), and a client may require a minimum
-precision (`ClientConfig.min_precision`): bits per weight, float32 > float16 = bfloat16 > int8 > nf4.
+server's blocks (and every transformers `Conv1D`, GPT-2's linear layer) is replaced by its bitsandbytes
+counterpart (`Linear8bitLt`, `Linear4bit`) holding the quantized weights; everything else (norms, embeddings of
+positions, fused expert tensors) keeps the server's dtype. A server announces what it runs (`ServerRecord.dtype`,
+`ServerRecord.quant_type`), and a client may require a minimum precision (`ClientConfig.min_precision`): bits per
+weight, float32 > float16 = bfloat16 > int8 > nf4.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def _linear_parts(module: nn.Module) -> tuple[int, int, torch.Tensor, torch.Tens
     return None
 
 
-def _quantized(bnb, inputs: int, outputs: int, weight: torch.Tensor, bias: torch.Tensor | None, quant_type: str, dtype, device):
+def _quantized(bnb, inputs: int, outputs: int, weight: torch.Tensor, bias: torch.Tensor | None, quant_type: str,
+               dtype: torch.dtype, device) -> nn.Module:
     weight = weight.to(dtype).contiguous()
     if quant_type == "int8":
         quantized = bnb.nn.Linear8bitLt(inputs, outputs, bias=bias is not None, has_fp16_weights=False, threshold=0.0)

@@ -68,9 +68,10 @@ class SequenceState:
                 "this model's session cache cannot drop positions (no assisted decoding for it)")  # fmt: skip
         for layer in _sliding_layers(cache):
             if layer.is_initialized and layer.get_seq_length() >= layer.sliding_window:
-                recorded = layer.keys.shape[-2] - (layer.sliding_window - 1)  # positions of the last step past the window
-                require(dropped <= recorded, f"this model's sliding-window caches can drop the last {recorded} positions "
-                                             f"(the last step's), not {dropped}")  # fmt: skip
+                recorded = layer.keys.shape[-2] - (layer.sliding_window - 1)  # the last step's, past the window
+                require(dropped <= recorded,
+                        f"this model's sliding-window caches can drop the last {recorded} positions (the last step's), "
+                        f"not {dropped}")  # fmt: skip
         for layer in getattr(cache, "layers", None) or [cache]:
             if getattr(layer, "is_initialized", True):  # a layer of blocks this server does not run holds nothing
                 layer.crop(-dropped)

@@ -107,8 +107,8 @@ class RequestHandler:
         info = {"model": self.model_name, "start": span.start, "end": span.end, "version": self.version}
         limits = {"max_request_tokens": self.limits.max_request_tokens, "max_batch_size": self.limits.max_batch_size}
         pushes = {f"steps_{name}": count for name, count in self.push_counts.items()}
-        batches = {"batches": self.compute.batches, "steps_batched": self.compute.batched_steps}
-        batches["compute_seconds"] = self.compute.busy_seconds
+        batches = {"batches": self.compute.batches, "steps_batched": self.compute.batched_steps,
+                   "compute_seconds": self.compute.busy_seconds}  # fmt: skip
         precision = {"dtype": dtype_name(self.loaded.dtype), "quant_type": self.loaded.quant_type}
         return {**info, **precision, "sessions": len(self.sessions), **limits, **pushes, **batches}, {}
 
