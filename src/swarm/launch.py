@@ -177,8 +177,13 @@ class PeerProcess:
         return "\n".join(list(self.lines)[-last:])
 
     def signal(self, signal_number: int):
+        """Sends `signal_number` unless the process has exited (a forked peer's exit code reaches this process
+        a moment after the fork server has reaped it, so an exited peer can still look alive here)."""
         if self.process.poll() is None:
-            os.kill(self.pid, signal_number)
+            try:
+                os.kill(self.pid, signal_number)
+            except ProcessLookupError:
+                pass
 
     def stop(self, timeout: float = 10.0):
         """SIGTERM, then SIGKILL after `timeout`; also kills the process group (hivemind's p2pd children)."""
