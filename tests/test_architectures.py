@@ -52,10 +52,11 @@ ARCHITECTURES = {
 SPANS = ["0:1", "1:4"]
 
 
-def make_model(directory, name: str):
-    """Saves a seeded random model of architecture `name`, scaled so that greedy decoding varies its tokens."""
+def make_model(directory, name: str, **overrides):
+    """Saves a seeded random model of architecture `name` (with `overrides` of its config), scaled so that greedy
+    decoding varies its tokens."""
     config_class, settings = ARCHITECTURES[name]
-    config = getattr(transformers, config_class)(**{**COMMON, **settings})
+    config = getattr(transformers, config_class)(**{**COMMON, **settings, **overrides})
     config.initializer_range = config.init_std = 0.2
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).eval().save_pretrained(directory)

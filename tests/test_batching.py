@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM
+from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModel
 from swarm.checkpoint import CheckpointIndex, load_model_config
@@ -141,9 +141,9 @@ def step_inputs(loaded, generator, batch: int, tokens: int = 1, **extra) -> dict
     return {"hidden_states": torch.randn(batch, tokens, loaded.config.hidden_size, generator=generator), **extra}
 
 
-def assert_batch_matches_alone(family, loaded, steps):
+def assert_batch_matches_alone(family, loaded, steps, steps_after: int = 1):
     """Runs `steps` ([(inputs, state)]) as one batch and each alone on a copy of its state: same outputs (within
-    ATOL), same lengths and masks, and the next step after each gives the same again."""
+    ATOL), same lengths and masks, and the `steps_after` steps after each give the same again."""
     alone_states = [copy.deepcopy(state) for _, state in steps]
     with torch.inference_mode():
         batched = family.forward_batch(loaded, SPAN, steps)
@@ -159,9 +159,10 @@ def assert_batch_matches_alone(family, loaded, steps):
     generator = torch.Generator().manual_seed(7)
     with torch.inference_mode():
         for (_, state), alone_state in zip(steps, alone_states):
-            inputs = step_inputs(loaded, generator, state.batch_size)
-            after, expected = family.forward(loaded, SPAN, inputs, state, None), family.forward(loaded, SPAN, inputs, alone_state, None)
-            torch.testing.assert_close(after["hidden_states"], expected["hidden_states"], atol=ATOL, rtol=0)
+            for _ in range(steps_after):
+                inputs = step_inputs(loaded, generator, state.batch_size)
+                after, expected = family.forward(loaded, SPAN, inputs, state, None), family.forward(loaded, SPAN, inputs, alone_state, None)
+                torch.testing.assert_close(after["hidden_states"], expected["hidden_states"], atol=ATOL, rtol=0)
 
 
 def test_sessions_of_different_lengths_masks_and_beams_batch_exactly(llama_span):
@@ -203,35 +204,68 @@ def test_sessions_of_equal_lengths_batch_without_a_mask(llama_span):
     assert_batch_matches_alone(family, loaded, steps)
 
 
-@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_every_decoder_architecture_batches_exactly_or_runs_alone(name, tmp_path):
-    """Sessions of different lengths, one left-padded with beams, of each architecture the suite serves: batched
-    like alone, or (sliding windows, alibi) never given a batch key."""
-    config, weights = load_model_config(make_model(tmp_path / name, name), FAMILIES)
+def load_architecture(directory, name: str, **overrides):
+    config, weights = load_model_config(make_model(directory, name, **overrides), FAMILIES)
     family = family_for(config)
     config = family.prepare_config(config)  # with the attention implementation a server would use
-    loaded = load_span(family, config, CheckpointIndex(weights), SPAN, torch.float32, "cpu")
-    generator = torch.Generator().manual_seed(3)
+    return family, load_span(family, config, CheckpointIndex(weights), SPAN, torch.float32, "cpu")
+
+
+def three_sessions(family, loaded, generator) -> list:
+    """Steps of three sessions on `SPAN`: 9 positions, 6 of which one row's first 2 are padding (with beams), 3."""
     padded = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     states = [prefilled(family, loaded, generator, 1, 9), prefilled(family, loaded, generator, 2, 6, mask=padded),
               prefilled(family, loaded, generator, 1, 3)]  # fmt: skip
-    steps = [(step_inputs(loaded, generator, 1), states[0]), (step_inputs(loaded, generator, 2, hypo_ids=torch.tensor([1, 0])), states[1]),
-             (step_inputs(loaded, generator, 1), states[2])]  # fmt: skip
+    return [(step_inputs(loaded, generator, 1), states[0]), (step_inputs(loaded, generator, 2, hypo_ids=torch.tensor([1, 0])), states[1]),
+            (step_inputs(loaded, generator, 1), states[2])]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_decoder_architecture_batches_exactly_or_runs_alone(name, tmp_path):
+    """Sessions of different lengths, one left-padded with beams, of each architecture the suite serves: batched
+    like alone, or (sliding windows the sessions have outgrown, alibi) never given a batch key."""
+    family, loaded = load_architecture(tmp_path / name, name)
+    steps = three_sessions(family, loaded, torch.Generator().manual_seed(3))
     keys = {family.batch_key(loaded, SPAN, inputs, state, None) for inputs, state in steps}
-    if keys == {None}:
-        assert family.position_bias is not None or any(layer.is_sliding for layer in states[0].cache.layers), name
+    if None in keys:
+        assert family.position_bias is not None or any(layer.is_sliding for layer in steps[0][1].cache.layers), name
     else:
         assert keys == {(SPAN, 1)}
         assert_batch_matches_alone(family, loaded, steps)
 
 
-def test_sliding_window_sessions_run_alone(tmp_path):
-    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=2, sliding_window=4)  # fmt: skip
-    MistralForCausalLM(config).save_pretrained(tmp_path)
-    family, loaded = load(tmp_path, SPAN)
-    state = family.new_session_state(loaded, SPAN, max_length=64)
-    assert family.batch_key(loaded, SPAN, step_inputs(loaded, torch.Generator(), 1), state, None) is None
+SLIDING = sorted(name for name, (_, settings) in ARCHITECTURES.items() if "sliding_window" in settings)
+
+
+@pytest.mark.parametrize("name", SLIDING)
+def test_sliding_window_sessions_batch_until_a_window_fills(name, tmp_path):
+    """With a window of 12, sessions of 9, 6 and 3 positions batch exactly, and so do ones of 10 and 3 taking a step
+    that fills their windows to the last position kept (11); a session whose step would fill the window runs alone.
+    The steps after each batch slide the windows of the longer sessions on; batches that follow batches match too."""
+    window = 12
+    family, loaded = load_architecture(tmp_path / name, name, sliding_window=window)
+    generator = torch.Generator().manual_seed(4)
+    steps = three_sessions(family, loaded, generator)
+    assert {family.batch_key(loaded, SPAN, inputs, state, None) for inputs, state in steps} == {(SPAN, 1)}
+    assert_batch_matches_alone(family, loaded, steps, steps_after=4)
+
+    longest, shortest = prefilled(family, loaded, generator, 1, window - 2), prefilled(family, loaded, generator, 1, 3)
+    steps = [(step_inputs(loaded, generator, 1), longest), (step_inputs(loaded, generator, 1), shortest)]
+    assert {family.batch_key(loaded, SPAN, inputs, state, None) for inputs, state in steps} == {(SPAN, 1)}
+    assert_batch_matches_alone(family, loaded, steps, steps_after=4)
+    batched = [prefilled(family, loaded, generator, 1, length) for length in (3, 5)]
+    alone = [copy.deepcopy(state) for state in batched]
+    with torch.inference_mode():
+        for _ in range(3):  # batch after batch, each finding the sessions' windows as the last one left them
+            inputs = [step_inputs(loaded, generator, 1) for _ in batched]
+            outputs = family.forward_batch(loaded, SPAN, list(zip(inputs, batched)))
+            for output, step, state in zip(outputs, inputs, alone):
+                expected = family.forward(loaded, SPAN, step, state, None)
+                torch.testing.assert_close(output["hidden_states"], expected["hidden_states"], atol=ATOL, rtol=0)
+    full = prefilled(family, loaded, generator, 1, window - 1)
+    assert family.batch_key(loaded, SPAN, step_inputs(loaded, generator, 1), full, None) is None
+    two_tokens = step_inputs(loaded, generator, 1, tokens=2)
+    assert family.batch_key(loaded, SPAN, two_tokens, prefilled(family, loaded, generator, 1, window - 2), None) is None
 
 
 @pytest.fixture(scope="module")
@@ -311,3 +345,38 @@ def test_concurrent_clients_batch_and_each_gets_the_local_models_output(batching
     for old, new in zip(before, after):
         assert new["batches"] > old["batches"] and new["steps_batched"] >= 2 * (new["batches"] - old["batches"])
         assert new["compute_seconds"] > old["compute_seconds"]
+
+
+def test_concurrent_sessions_of_a_sliding_window_model_batch_while_their_windows_hold_them(tmp_path_factory):
+    """Gemma 3 (sliding and full layers alternating, window 16) behind two batching servers: three sessions that
+    stay within the window batch, a fourth outgrows it midway and runs alone from then on; every generation
+    matches the local model's."""
+    directory = make_model(tmp_path_factory.mktemp("models") / "tiny-gemma3", "gemma3_text", sliding_window=16)
+    local = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    jobs = {name: (torch.tensor([list(range(start, start + length))]), {"max_new_tokens": 8})
+            for name, start, length in [("a", 10, 3), ("b", 20, 5), ("c", 30, 6), ("outgrows", 40, 12)]}  # fmt: skip
+    logs = tmp_path_factory.mktemp("logs")
+    with LocalSwarm(directory, ["0:1", "1:4"], server_args=("--batch-wait-ms", "100"), log_dir=logs) as swarm:
+        model = AutoDistributedModel.from_pretrained(directory, initial_peers=swarm.initial_peers, coverage_timeout=30)
+        outputs, errors = {}, []
+
+        def generate(name, input_ids, kwargs):
+            try:
+                outputs[name] = model.generate(input_ids, output_logits=True, return_dict_in_generate=True, **kwargs)
+            except Exception as error:
+                errors.append((name, error))
+
+        threads = [threading.Thread(target=generate, args=(name, *job)) for name, job in jobs.items()]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=240)
+            infos = [server_info(server.address) for server in swarm.servers]
+        finally:
+            model.remote.shutdown()
+    assert not errors, errors
+    for name, (input_ids, kwargs) in jobs.items():
+        expected = local.generate(input_ids, output_logits=True, return_dict_in_generate=True, **kwargs)
+        assert_same_generation(outputs[name], expected)
+    assert all(info["batches"] > 0 and info["steps_batched"] >= 2 * info["batches"] for info in infos), infos

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from swarm.errors import UnsupportedModelError
@@ -148,13 +148,21 @@ class DecoderFamily(ModelFamily):
         return {"hidden_states": hidden, **outputs}
 
     def batch_key(self, loaded: LoadedSpan, sub_span: BlockSpan, inputs: Tensors, state, phase):
-        """Steps of one span and one number of new tokens batch, for models whose sessions keep plain full-attention
-        caches (a sliding window or alibi biases would need more than left padding)."""
-        cache = state.cache
-        plain = type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
-        if self.position_bias is not None or not plain:
+        """Steps of one span and one number of new tokens batch, for models whose sessions keep plain caches: full
+        attention, or sliding windows that the session has not outgrown with this step (such a window still holds
+        every position, so it attends as full attention does). Outgrown windows and alibi biases would need more
+        than left padding: their steps run alone."""
+        tokens = inputs["hidden_states"].shape[1]
+        if self.position_bias is not None or type(state.cache) is not DynamicCache:
             return None
-        return sub_span, inputs["hidden_states"].shape[1]
+        for index in sub_span:
+            layer = state.cache.layers[index]
+            if type(layer) is DynamicSlidingWindowLayer:
+                if state.length + tokens >= layer.sliding_window:
+                    return None
+            elif type(layer) is not DynamicLayer:
+                return None
+        return sub_span, tokens
 
     def forward_batch(self, loaded: LoadedSpan, sub_span: BlockSpan, steps: list[tuple[Tensors, SequenceState]]) -> list[Tensors]:
         """Stacks the sessions' rows; each session's past keys and values are left-padded to the longest past and
@@ -190,6 +198,8 @@ class DecoderFamily(ModelFamily):
                     own.lazy_initialization(merged.keys, merged.values)
                 # copies, not views: a view would keep every session's rows alive while this session idles
                 own.keys, own.values = merged.keys[own_rows, :, own_start:].clone(), merged.values[own_rows, :, own_start:].clone()
+                if own.is_sliding:
+                    own.cumulative_length = own.keys.shape[-2]
             if order is not None:
                 state.kept = {name: tensor[order.to(tensor.device)] for name, tensor in state.kept.items()}
             state.advance(own_mask, batch, tokens)
@@ -330,6 +340,8 @@ def _stack_layers(merged: DynamicLayer, layers: list[DynamicLayer], rows: list[i
         start += batch
     merged.lazy_initialization(keys, values)
     merged.keys, merged.values = keys, values
+    if merged.is_sliding:
+        merged.cumulative_length = past
 
 
 def _padded_mask(mask: torch.Tensor | None, batch: int, length: int, width: int) -> torch.Tensor:
