@@ -1,6 +1,7 @@
 import json
 import struct
 
+import numpy
 import pytest
 import torch
 
@@ -24,6 +25,12 @@ def test_every_dtype_roundtrips(dtype):
     assert fields == {"method": "x", "n": 3}
     assert torch.equal(tensors["a"], tensor) and tensors["a"].dtype == dtype
     assert tensors["empty"].shape == (0, 5)
+
+
+def test_fields_roundtrip_as_json_gives_them():
+    fields = {"text": "naïve ✓", "nested": {"a": [1, 2.5, None, True]}, "numbers": {1: "one"}, "pair": (3, 4),
+              "mean": numpy.float64(0.25), "count": numpy.int64(7)}  # fmt: skip
+    assert roundtrip(fields, {})[0] == json.loads(json.dumps({**fields, "mean": 0.25, "count": 7}))
 
 
 def test_non_contiguous_tensor_roundtrips():

@@ -145,13 +145,13 @@ class FrameReader:
             raise ProtocolError(f"a frame of {size} bytes exceeds the limit of {limits.max_message_bytes}")
         if PREFIX_SIZE + size > READ_AHEAD:
             self._start += PREFIX_SIZE
-            header = bytes(self._take(header_length, deadline))
+            header = self._take(header_length, deadline)
             return wire.decode(header, self._take(body_length, deadline))
         self._fill_to(PREFIX_SIZE + size, deadline)
         header_start = self._start + PREFIX_SIZE
         body_start = header_start + header_length
         self._start = body_start + body_length
-        return wire.decode(bytes(self._view[header_start:body_start]), bytearray(self._view[body_start : self._start]))
+        return wire.decode(self._view[header_start:body_start], bytearray(self._view[body_start : self._start]))
 
     def _fill(self, deadline: float):
         """Reads what the socket holds (at least a byte) into the free end of the buffer."""
