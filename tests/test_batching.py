@@ -305,6 +305,26 @@ def bad_step_in_a_batch(address: str, hidden_size: int, steps: int, results: dic
         connection.close()
 
 
+def generate_concurrently(model, jobs: dict, *others: threading.Thread) -> dict:
+    """Runs `model.generate(input_ids, **kwargs)` for every job (name -> (input_ids, kwargs)) in a thread of its
+    own, beside `others`; returns each job's output once all have ended, or raises if any failed."""
+    outputs, errors = {}, []
+
+    def generate(name, input_ids, kwargs):
+        try:
+            outputs[name] = model.generate(input_ids, output_logits=True, return_dict_in_generate=True, **kwargs)
+        except Exception as error:
+            errors.append((name, error))
+
+    threads = [threading.Thread(target=generate, args=(name, *job)) for name, job in jobs.items()] + list(others)
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    assert not errors and not any(thread.is_alive() for thread in threads), errors
+    return outputs
+
+
 def test_concurrent_clients_batch_and_each_gets_the_local_models_output(batching_swarm, tiny_llama, local_tiny_llama):
     """Sessions of different lengths and batch sizes (one left-padded, one with beams, one that ends early, one
     with a bad step) step together; every generation matches the local model's."""
@@ -318,24 +338,12 @@ def test_concurrent_clients_batch_and_each_gets_the_local_models_output(batching
         "padded pair": (padded, {"max_new_tokens": 12, "attention_mask": (padded != 0).long()}),
         "beams": (torch.tensor([[60, 61, 62]]), {"max_new_tokens": 10, "num_beams": 3}),
     }
-    outputs, errors, bad = {}, [], {}
-
-    def generate(name, input_ids, kwargs):
-        try:
-            outputs[name] = model.generate(input_ids, output_logits=True, return_dict_in_generate=True, **kwargs)
-        except Exception as error:
-            errors.append((name, error))
-
-    threads = [threading.Thread(target=generate, args=(name, *job)) for name, job in jobs.items()]
-    threads.append(threading.Thread(target=bad_step_in_a_batch, args=(batching_swarm.servers[0].address, 60, 12, bad)))
+    bad = {}
+    bad_client = threading.Thread(target=bad_step_in_a_batch, args=(batching_swarm.servers[0].address, 60, 12, bad))
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=240)
+        outputs = generate_concurrently(model, jobs, bad_client)
     finally:
         model.remote.shutdown()
-    assert not errors, errors
     assert "beams of" in bad["error"] or "hypo_ids" in bad["error"]
     assert bad["length"] == 4 + 11
     for name, (input_ids, kwargs) in jobs.items():
@@ -358,24 +366,11 @@ def test_concurrent_sessions_of_a_sliding_window_model_batch_while_their_windows
     logs = tmp_path_factory.mktemp("logs")
     with LocalSwarm(directory, ["0:1", "1:4"], server_args=("--batch-wait-ms", "100"), log_dir=logs) as swarm:
         model = AutoDistributedModel.from_pretrained(directory, initial_peers=swarm.initial_peers, coverage_timeout=30)
-        outputs, errors = {}, []
-
-        def generate(name, input_ids, kwargs):
-            try:
-                outputs[name] = model.generate(input_ids, output_logits=True, return_dict_in_generate=True, **kwargs)
-            except Exception as error:
-                errors.append((name, error))
-
-        threads = [threading.Thread(target=generate, args=(name, *job)) for name, job in jobs.items()]
         try:
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(timeout=240)
+            outputs = generate_concurrently(model, jobs)
             infos = [server_info(server.address) for server in swarm.servers]
         finally:
             model.remote.shutdown()
-    assert not errors, errors
     for name, (input_ids, kwargs) in jobs.items():
         expected = local.generate(input_ids, output_logits=True, return_dict_in_generate=True, **kwargs)
         assert_same_generation(outputs[name], expected)
