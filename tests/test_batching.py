@@ -221,51 +221,59 @@ def three_sessions(family, loaded, generator) -> list:
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_every_decoder_architecture_batches_exactly_or_runs_alone(name, tmp_path):
-    """Sessions of different lengths, one left-padded with beams, of each architecture the suite serves: batched
-    like alone, or (sliding windows the sessions have outgrown, alibi) never given a batch key."""
+def test_every_decoder_architecture_batches_exactly(name, tmp_path):
+    """Sessions of different lengths (past the sliding windows of the architectures that have one), one left-padded
+    with beams, of each architecture the suite serves, batch like alone; so do sessions of equal lengths, which
+    batch without a mask (alibi biases from the key positions alone)."""
     family, loaded = load_architecture(tmp_path / name, name)
-    steps = three_sessions(family, loaded, torch.Generator().manual_seed(3))
-    keys = {family.batch_key(loaded, SPAN, inputs, state, None) for inputs, state in steps}
-    if None in keys:
-        assert family.position_bias is not None or any(layer.is_sliding for layer in steps[0][1].cache.layers), name
-    else:
-        assert keys == {(SPAN, 1)}
-        assert_batch_matches_alone(family, loaded, steps)
+    generator = torch.Generator().manual_seed(3)
+    steps = three_sessions(family, loaded, generator)
+    assert {family.batch_key(loaded, SPAN, inputs, state, None) for inputs, state in steps} == {(SPAN, 1)}
+    assert_batch_matches_alone(family, loaded, steps)
+    steps = [(step_inputs(loaded, generator, 1), prefilled(family, loaded, generator, 1, 4)) for _ in range(2)]
+    assert_batch_matches_alone(family, loaded, steps)
 
 
 SLIDING = sorted(name for name, (_, settings) in ARCHITECTURES.items() if "sliding_window" in settings)
 
 
 @pytest.mark.parametrize("name", SLIDING)
-def test_sliding_window_sessions_batch_until_a_window_fills(name, tmp_path):
-    """With a window of 12, sessions of 9, 6 and 3 positions batch exactly, and so do ones of 10 and 3 taking a step
-    that fills their windows to the last position kept (11); a session whose step would fill the window runs alone.
-    The steps after each batch slide the windows of the longer sessions on; batches that follow batches match too."""
-    window = 12
+def test_sliding_window_sessions_batch_within_and_past_their_windows(name, tmp_path):
+    """With a window of 6: sessions of 2, 5, 6 and 13 positions (one left-padded, with beams) batch exactly, and so
+    do steps of 3 tokens that cross a window's end. Batch after batch carries sessions past their windows, and
+    crops of a batched step's last tokens (assisted decoding rejecting drafts) leave each session as they leave it
+    after the same step alone."""
+    window = 6
     family, loaded = load_architecture(tmp_path / name, name, sliding_window=window)
     generator = torch.Generator().manual_seed(4)
-    steps = three_sessions(family, loaded, generator)
+    padded = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    states = [prefilled(family, loaded, generator, 1, 2), prefilled(family, loaded, generator, 2, 5, mask=padded),
+              prefilled(family, loaded, generator, 1, window), prefilled(family, loaded, generator, 1, 13)]  # fmt: skip
+    beams = step_inputs(loaded, generator, 2, hypo_ids=torch.tensor([1, 0]))
+    steps = [(beams if state.batch_size == 2 else step_inputs(loaded, generator, 1), state) for state in states]
     assert {family.batch_key(loaded, SPAN, inputs, state, None) for inputs, state in steps} == {(SPAN, 1)}
-    assert_batch_matches_alone(family, loaded, steps, steps_after=4)
+    assert_batch_matches_alone(family, loaded, steps, steps_after=3)
+    steps = [(step_inputs(loaded, generator, 1, tokens=3), prefilled(family, loaded, generator, 1, n)) for n in (4, 9)]
+    assert_batch_matches_alone(family, loaded, steps, steps_after=2)
 
-    longest, shortest = prefilled(family, loaded, generator, 1, window - 2), prefilled(family, loaded, generator, 1, 3)
-    steps = [(step_inputs(loaded, generator, 1), longest), (step_inputs(loaded, generator, 1), shortest)]
-    assert {family.batch_key(loaded, SPAN, inputs, state, None) for inputs, state in steps} == {(SPAN, 1)}
-    assert_batch_matches_alone(family, loaded, steps, steps_after=4)
-    batched = [prefilled(family, loaded, generator, 1, length) for length in (3, 5)]
+    batched = [prefilled(family, loaded, generator, 1, length) for length in (1, 3, 8)]
     alone = [copy.deepcopy(state) for state in batched]
     with torch.inference_mode():
-        for _ in range(3):  # batch after batch, each finding the sessions' windows as the last one left them
-            inputs = [step_inputs(loaded, generator, 1) for _ in batched]
+        for round in range(6):  # batch after batch, each finding the sessions' windows as the last one left them
+            tokens = 1 + round % 3
+            inputs = [step_inputs(loaded, generator, 1, tokens=tokens) for _ in batched]
             outputs = family.forward_batch(loaded, SPAN, list(zip(inputs, batched)))
             for output, step, state in zip(outputs, inputs, alone):
                 expected = family.forward(loaded, SPAN, step, state, None)
                 torch.testing.assert_close(output["hidden_states"], expected["hidden_states"], atol=ATOL, rtol=0)
-    full = prefilled(family, loaded, generator, 1, window - 1)
-    assert family.batch_key(loaded, SPAN, step_inputs(loaded, generator, 1), full, None) is None
-    two_tokens = step_inputs(loaded, generator, 1, tokens=2)
-    assert family.batch_key(loaded, SPAN, two_tokens, prefilled(family, loaded, generator, 1, window - 2), None) is None
+            for state in (*batched, *alone):
+                state.crop(state.length - (tokens - 1))
+        for state, alone_state in zip(batched, alone):
+            assert state.length == alone_state.length
+            layers = state.cache.layers[SPAN.start : SPAN.end]
+            for layer, alone_layer in zip(layers, alone_state.cache.layers[SPAN.start : SPAN.end]):
+                assert layer.get_seq_length() == alone_layer.get_seq_length()
+                torch.testing.assert_close(layer.keys, alone_layer.keys, atol=ATOL, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -355,14 +363,16 @@ def test_concurrent_clients_batch_and_each_gets_the_local_models_output(batching
         assert new["compute_seconds"] > old["compute_seconds"]
 
 
-def test_concurrent_sessions_of_a_sliding_window_model_batch_while_their_windows_hold_them(tmp_path_factory):
-    """Gemma 3 (sliding and full layers alternating, window 16) behind two batching servers: three sessions that
-    stay within the window batch, a fourth outgrows it midway and runs alone from then on; every generation
-    matches the local model's."""
-    directory = make_model(tmp_path_factory.mktemp("models") / "tiny-gemma3", "gemma3_text", sliding_window=16)
+def test_concurrent_sessions_of_a_sliding_window_model_batch_within_and_past_their_windows(tmp_path_factory):
+    """Gemma 3 (sliding and full layers alternating, window 8) behind two batching servers: sessions that start
+    within the window and outgrow it, one that starts past it, and one whose prompt lookup drafts are rejected and
+    cropped, step together; every generation matches the local model's."""
+    directory = make_model(tmp_path_factory.mktemp("models") / "tiny-gemma3", "gemma3_text", sliding_window=8)
     local = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    jobs = {name: (torch.tensor([list(range(start, start + length))]), {"max_new_tokens": 8})
-            for name, start, length in [("a", 10, 3), ("b", 20, 5), ("c", 30, 6), ("outgrows", 40, 12)]}  # fmt: skip
+    jobs = {name: (torch.tensor([list(range(start, start + length))]), {"max_new_tokens": 10})
+            for name, start, length in [("a", 10, 3), ("b", 20, 5), ("c", 30, 6), ("past", 40, 12)]}  # fmt: skip
+    repeating = torch.tensor([[3, 4, 5, 6, 3, 4, 5, 6, 3, 4]])
+    jobs["lookup"] = (repeating, {"max_new_tokens": 10, "prompt_lookup_num_tokens": 3})
     logs = tmp_path_factory.mktemp("logs")
     with LocalSwarm(directory, ["0:1", "1:4"], server_args=("--batch-wait-ms", "100"), log_dir=logs) as swarm:
         model = AutoDistributedModel.from_pretrained(directory, initial_peers=swarm.initial_peers, coverage_timeout=30)

@@ -44,6 +44,7 @@ from swarm.models.checks import (
     require,
 )
 from swarm.models.layout import DecoderLayout, build_model, read_layout
+from swarm.models.stacking import padded_mask, stack_layers, unstack_layer
 from swarm.models.state import SequenceState, extend_mask
 from swarm.spans import BlockSpan
 
@@ -148,27 +149,17 @@ class DecoderFamily(ModelFamily):
         return {"hidden_states": hidden, **outputs}
 
     def batch_key(self, loaded: LoadedSpan, sub_span: BlockSpan, inputs: Tensors, state, phase):
-        """Steps of one span and one number of new tokens batch, for models whose sessions keep plain caches: full
-        attention, or sliding windows that the session has not outgrown with this step (such a window still holds
-        every position, so it attends as full attention does). Outgrown windows and alibi biases would need more
-        than left padding: their steps run alone."""
-        tokens = inputs["hidden_states"].shape[1]
-        if self.position_bias is not None or type(state.cache) is not DynamicCache:
+        """Steps of one span and one number of new tokens batch, for models whose sessions keep transformers' plain
+        caches (full attention and sliding windows); see `swarm.models.stacking`."""
+        if type(state.cache) is not DynamicCache:
             return None
-        for index in sub_span:
-            layer = state.cache.layers[index]
-            if type(layer) is DynamicSlidingWindowLayer:
-                if state.length + tokens >= layer.sliding_window:
-                    return None
-            elif type(layer) is not DynamicLayer:
-                return None
-        return sub_span, tokens
+        if any(type(state.cache.layers[index]) not in (DynamicLayer, DynamicSlidingWindowLayer) for index in sub_span):
+            return None
+        return sub_span, inputs["hidden_states"].shape[1]
 
     def forward_batch(self, loaded: LoadedSpan, sub_span: BlockSpan, steps: list[tuple[Tensors, SequenceState]]) -> list[Tensors]:
-        """Stacks the sessions' rows; each session's past keys and values are left-padded to the longest past and
-        the padding masked out, as a padded batch of one session would be. Each row keeps its own positions, mask
-        and beam order (`hypo_ids`). The sessions' caches are replaced only once every block has run, by copies of
-        their rows."""
+        """Stacks the sessions' rows and caches (`swarm.models.stacking`); each row keeps its own positions, mask and
+        beam order (`hypo_ids`). The sessions' caches are replaced only once every block has run."""
         device, tokens = loaded.device, steps[0][0]["hidden_states"].shape[1]
         past = max(state.length for _, state in steps)
         hidden = torch.cat([inputs["hidden_states"].to(device) for inputs, _ in steps])
@@ -183,23 +174,18 @@ class DecoderFamily(ModelFamily):
             positions.append(_positions(inputs, state.length, tokens, device).expand(batch, tokens))
         cache = DynamicCache(config=loaded.config)
         for index in sub_span:
-            _stack_layers(cache.layers[index], [state.cache.layers[index] for _, state in steps], rows, orders, past)
+            layers = [state.cache.layers[index] for _, state in steps]
+            stack_layers(cache.layers[index], layers, [state.length for _, state in steps], rows, orders, past)
         uniform = all(mask is None for mask in masks) and all(state.length == past for _, state in steps)
-        mask = None if uniform else torch.cat([_padded_mask(mask, batch, state.length + tokens, past + tokens)
+        mask = None if uniform else torch.cat([padded_mask(mask, batch, state.length + tokens, past + tokens)
                                                for mask, batch, (_, state) in zip(masks, rows, steps)]).to(device)  # fmt: skip
         wanted = set().union(*(_wanted(inputs) for inputs, _ in steps))
         hidden, outputs = self._run_layers(loaded, sub_span, hidden, mask, cache, torch.cat(positions), past, wanted)
         results, start = [], 0
         for (inputs, state), batch, order, own_mask in zip(steps, rows, orders, masks):
-            own_rows, own_start = slice(start, start + batch), past - state.length
+            own_rows = slice(start, start + batch)
             for index in sub_span:
-                merged, own = cache.layers[index], state.cache.layers[index]
-                if not own.is_initialized:
-                    own.lazy_initialization(merged.keys, merged.values)
-                # copies, not views: a view would keep every session's rows alive while this session idles
-                own.keys, own.values = merged.keys[own_rows, :, own_start:].clone(), merged.values[own_rows, :, own_start:].clone()
-                if own.is_sliding:
-                    own.cumulative_length = own.keys.shape[-2]
+                unstack_layer(cache.layers[index], state.cache.layers[index], own_rows, state.length, tokens, past)
             if order is not None:
                 state.kept = {name: tensor[order.to(tensor.device)] for name, tensor in state.kept.items()}
             state.advance(own_mask, batch, tokens)
@@ -320,31 +306,3 @@ def _positions(inputs: Tensors, past: int, tokens: int, device) -> torch.Tensor:
 def _wanted(inputs: Tensors) -> set[int]:
     """The blocks whose outputs a request asks for too."""
     return set(inputs["output_layers"].tolist()) if "output_layers" in inputs else set()
-
-
-def _stack_layers(merged: DynamicLayer, layers: list[DynamicLayer], rows: list[int], orders: list, past: int):
-    """Fills `merged` with the keys and values of `layers` (one per session, each reordered by its beam order),
-    stacked by rows and left-padded with zeros to `past` positions; leaves it empty when all are."""
-    reference = next((layer for layer in layers if layer.get_seq_length()), None)
-    if reference is None:
-        return
-    heads, head_dim = reference.keys.shape[1], reference.keys.shape[3]
-    keys = reference.keys.new_zeros(sum(rows), heads, past, head_dim)
-    values = reference.values.new_zeros(sum(rows), heads, past, reference.values.shape[3])
-    start = 0
-    for layer, batch, order in zip(layers, rows, orders):
-        if length := layer.get_seq_length():
-            own_keys, own_values = (layer.keys, layer.values) if order is None else (layer.keys[order], layer.values[order])
-            keys[start : start + batch, :, past - length :] = own_keys
-            values[start : start + batch, :, past - length :] = own_values
-        start += batch
-    merged.lazy_initialization(keys, values)
-    merged.keys, merged.values = keys, values
-    if merged.is_sliding:
-        merged.cumulative_length = past
-
-
-def _padded_mask(mask: torch.Tensor | None, batch: int, length: int, width: int) -> torch.Tensor:
-    """A session's mask of `length` positions (None: all ones), left-padded with zeros to `width`."""
-    mask = mask if mask is not None else torch.ones(batch, length, dtype=torch.long)
-    return torch.nn.functional.pad(mask.long(), (width - length, 0))

@@ -67,7 +67,7 @@ class SequenceState:
         require(cache is not None and getattr(cache, "is_croppable", False),
                 "this model's session cache cannot drop positions (no assisted decoding for it)")  # fmt: skip
         for layer in _sliding_layers(cache):
-            if layer.is_initialized and layer.get_seq_length() >= layer.sliding_window:
+            if layer.is_initialized and layer.keys.shape[-2] < self.length:  # it has forgotten its first positions
                 recorded = layer.keys.shape[-2] - (layer.sliding_window - 1)  # the last step's, past the window
                 require(dropped <= recorded,
                         f"this model's sliding-window caches can drop the last {recorded} positions (the last step's), "
