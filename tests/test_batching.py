@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, T5ForConditionalGeneration
 
 from swarm import AutoDistributedModel
 from swarm.checkpoint import CheckpointIndex, load_model_config
@@ -27,6 +27,9 @@ from swarm.transport import Connection
 from tests.conftest import ATOL, assert_same_generation
 from tests.test_architectures import ARCHITECTURES, make_model
 from tests.test_fast_path import load
+from tests.test_t5 import fresh_cache, make_tiny_t5
+from tests.test_text_to_speech import make_tiny_speecht5
+from tests.test_whisper import make_tiny_whisper
 
 SPAN = BlockSpan(1, 4)
 
@@ -141,13 +144,13 @@ def step_inputs(loaded, generator, batch: int, tokens: int = 1, **extra) -> dict
     return {"hidden_states": torch.randn(batch, tokens, loaded.config.hidden_size, generator=generator), **extra}
 
 
-def assert_batch_matches_alone(family, loaded, steps, steps_after: int = 1):
+def assert_batch_matches_alone(family, loaded, steps, steps_after: int = 1, span: BlockSpan = SPAN):
     """Runs `steps` ([(inputs, state)]) as one batch and each alone on a copy of its state: same outputs (within
     ATOL), same lengths and masks, and the `steps_after` steps after each give the same again."""
     alone_states = [copy.deepcopy(state) for _, state in steps]
     with torch.inference_mode():
-        batched = family.forward_batch(loaded, SPAN, steps)
-        alone = [family.forward(loaded, SPAN, inputs, state, None) for (inputs, _), state in zip(steps, alone_states)]
+        batched = family.forward_batch(loaded, span, steps)
+        alone = [family.forward(loaded, span, inputs, state, None) for (inputs, _), state in zip(steps, alone_states)]
     for outputs, expected, (_, state), alone_state in zip(batched, alone, steps, alone_states):
         assert outputs.keys() == expected.keys()
         for name in expected:
@@ -161,7 +164,7 @@ def assert_batch_matches_alone(family, loaded, steps, steps_after: int = 1):
         for (_, state), alone_state in zip(steps, alone_states):
             for _ in range(steps_after):
                 inputs = step_inputs(loaded, generator, state.batch_size)
-                after, expected = family.forward(loaded, SPAN, inputs, state, None), family.forward(loaded, SPAN, inputs, alone_state, None)
+                after, expected = family.forward(loaded, span, inputs, state, None), family.forward(loaded, span, inputs, alone_state, None)
                 torch.testing.assert_close(after["hidden_states"], expected["hidden_states"], atol=ATOL, rtol=0)
 
 
@@ -276,6 +279,59 @@ def test_sliding_window_sessions_batch_within_and_past_their_windows(name, tmp_p
                 torch.testing.assert_close(layer.keys, alone_layer.keys, atol=ATOL, rtol=0)
 
 
+def make_moderate_t5(directory):
+    """Tiny T5 as the other tests make it, with weights of the usual scale: theirs grow hidden states of 1000 and
+    more, whose float32 rounding alone moves them past ATOL when a batch has other rows."""
+    return make_tiny_t5(directory, initializer_factor=1.0)
+
+
+ENCODER_DECODERS = {"t5": make_moderate_t5, "whisper": make_tiny_whisper, "speecht5": make_tiny_speecht5}
+
+
+@pytest.fixture(scope="module", params=sorted(ENCODER_DECODERS))
+def decoder_span(request, tmp_path_factory):
+    """An encoder-decoder's decoder blocks from its second on (so that a span's cache positions start past 0)."""
+    directory = ENCODER_DECODERS[request.param](tmp_path_factory.mktemp(request.param) / "model")
+    config, weights = load_model_config(directory, FAMILIES)
+    family = family_for(config)
+    config = family.prepare_config(config)
+    span = BlockSpan(family.encoder_blocks(config) + 1, family.num_blocks(config))
+    return family, load_span(family, config, CheckpointIndex(weights), span, torch.float32, "cpu"), span
+
+
+def opened(family, loaded, span, generator, batch: int, tokens: int, source: int, **masks):
+    """A decoder session on `span` after its first step: `tokens` positions for `batch` rows, over an encoder
+    output of `source` positions (with `attention_mask` and `encoder_attention_mask` if given)."""
+    width = family.width(loaded.config)
+    state = family.new_session_state(loaded, span, max_length=64)
+    inputs = {"hidden_states": torch.randn(batch, tokens, width, generator=generator),
+              "encoder_hidden_states": torch.randn(batch, source, width, generator=generator), **masks}  # fmt: skip
+    with torch.inference_mode():
+        family.forward(loaded, span, inputs, state, None)
+    return state
+
+
+def test_encoder_decoder_sessions_batch_exactly_once_their_first_steps_ran(decoder_span):
+    """Decoder sessions of different lengths over encoder outputs of different lengths (one session left-padded,
+    with a masked encoder output and beams) batch like alone; so do sessions of equal lengths, without masks. A
+    first step, which brings the encoder output, runs alone."""
+    family, loaded, span = decoder_span
+    generator, width = torch.Generator().manual_seed(5), family.width(loaded.config)
+    fresh = family.new_session_state(loaded, span, max_length=64)
+    first = {"hidden_states": torch.randn(1, 2, width), "encoder_hidden_states": torch.randn(1, 5, width)}
+    assert family.batch_key(loaded, span, first, fresh, None) is None
+    masks = dict(attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]), encoder_attention_mask=torch.tensor([[1] * 4 + [0] * 3, [1] * 7]))
+    states = [opened(family, loaded, span, generator, 1, 6, 4), opened(family, loaded, span, generator, 2, 3, 7, **masks),
+              opened(family, loaded, span, generator, 1, 1, 9)]  # fmt: skip
+    steps = [(step_inputs(loaded, generator, 1), states[0]),
+             (step_inputs(loaded, generator, 2, hypo_ids=torch.tensor([1, 1]), attention_mask=torch.tensor([[1], [1]])), states[1]),
+             (step_inputs(loaded, generator, 1, output_layers=torch.tensor([span.start + 1])), states[2])]  # fmt: skip
+    assert {family.batch_key(loaded, span, inputs, state, None) for inputs, state in steps} == {(span, 1)}
+    assert_batch_matches_alone(family, loaded, steps, steps_after=2, span=span)
+    steps = [(step_inputs(loaded, generator, 1, tokens=2), opened(family, loaded, span, generator, 1, 3, 5)) for _ in range(2)]
+    assert_batch_matches_alone(family, loaded, steps, span=span)
+
+
 @pytest.fixture(scope="module")
 def batching_swarm(tiny_llama, tmp_path_factory):
     """Two servers that wait up to 100 ms for the steps of other active sessions (so that concurrent clients'
@@ -383,5 +439,32 @@ def test_concurrent_sessions_of_a_sliding_window_model_batch_within_and_past_the
             model.remote.shutdown()
     for name, (input_ids, kwargs) in jobs.items():
         expected = local.generate(input_ids, output_logits=True, return_dict_in_generate=True, **kwargs)
+        assert_same_generation(outputs[name], expected)
+    assert all(info["batches"] > 0 and info["steps_batched"] >= 2 * info["batches"] for info in infos), infos
+
+
+def test_concurrent_sessions_of_an_encoder_decoder_batch(tmp_path_factory):
+    """T5 behind two batching servers (the first holding the encoder and the decoder's first block): concurrent
+    generations over inputs of different lengths (one batch with a padded row, one beam search) step together
+    in the decoder; every generation matches the local model's."""
+    directory = make_moderate_t5(tmp_path_factory.mktemp("models") / "tiny-t5")
+    local = T5ForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
+    padded = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0]])
+    jobs = {
+        "short": (torch.tensor([[20, 21, 22]]), {"max_new_tokens": 8}),
+        "long": (torch.tensor([list(range(30, 45))]), {"max_new_tokens": 8}),
+        "padded pair": (padded, {"max_new_tokens": 8, "attention_mask": (padded != 0).long()}),
+        "beams": (torch.tensor([[50, 51, 52, 53]]), {"max_new_tokens": 6, "num_beams": 2}),
+    }
+    logs = tmp_path_factory.mktemp("logs")
+    with LocalSwarm(directory, ["0:4", "4:7"], server_args=("--batch-wait-ms", "100"), log_dir=logs) as swarm:
+        model = AutoDistributedModel.from_pretrained(directory, initial_peers=swarm.initial_peers, coverage_timeout=30)
+        try:
+            outputs = generate_concurrently(model, jobs)
+            infos = [server_info(server.address) for server in swarm.servers]
+        finally:
+            model.remote.shutdown()
+    for name, (input_ids, kwargs) in jobs.items():
+        expected = local.generate(input_ids, output_logits=True, return_dict_in_generate=True, cache=fresh_cache(), **kwargs)
         assert_same_generation(outputs[name], expected)
     assert all(info["batches"] > 0 and info["steps_batched"] >= 2 * info["batches"] for info in infos), infos

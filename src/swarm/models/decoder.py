@@ -44,8 +44,8 @@ from swarm.models.checks import (
     require,
 )
 from swarm.models.layout import DecoderLayout, build_model, read_layout
-from swarm.models.stacking import padded_mask, stack_layers, unstack_layer
-from swarm.models.state import SequenceState, extend_mask
+from swarm.models.stacking import StackedRows, unstack_layer
+from swarm.models.state import SequenceState
 from swarm.spans import BlockSpan
 
 logger = logging.getLogger(__name__)
@@ -160,38 +160,25 @@ class DecoderFamily(ModelFamily):
     def forward_batch(self, loaded: LoadedSpan, sub_span: BlockSpan, steps: list[tuple[Tensors, SequenceState]]) -> list[Tensors]:
         """Stacks the sessions' rows and caches (`swarm.models.stacking`); each row keeps its own positions, mask and
         beam order (`hypo_ids`). The sessions' caches are replaced only once every block has run."""
-        device, tokens = loaded.device, steps[0][0]["hidden_states"].shape[1]
-        past = max(state.length for _, state in steps)
+        device, stacked = loaded.device, StackedRows.of(steps, loaded.device)
         hidden = torch.cat([inputs["hidden_states"].to(device) for inputs, _ in steps])
-        rows, masks, positions, orders = [], [], [], []
-        for inputs, state in steps:
-            batch = inputs["hidden_states"].shape[0]
-            order = inputs["hypo_ids"].to(device) if "hypo_ids" in inputs else None
-            own_mask = state.attention_mask if order is None or state.attention_mask is None else state.attention_mask[order]
-            rows.append(batch)
-            orders.append(order)
-            masks.append(extend_mask(own_mask, inputs.get("attention_mask"), batch, state.length, tokens))
-            positions.append(_positions(inputs, state.length, tokens, device).expand(batch, tokens))
+        positions = [_positions(inputs, state.length, stacked.tokens, device).expand(batch, stacked.tokens)
+                     for (inputs, state), batch in zip(steps, stacked.rows)]  # fmt: skip
         cache = DynamicCache(config=loaded.config)
         for index in sub_span:
-            layers = [state.cache.layers[index] for _, state in steps]
-            stack_layers(cache.layers[index], layers, [state.length for _, state in steps], rows, orders, past)
-        uniform = all(mask is None for mask in masks) and all(state.length == past for _, state in steps)
-        mask = None if uniform else torch.cat([padded_mask(mask, batch, state.length + tokens, past + tokens)
-                                               for mask, batch, (_, state) in zip(masks, rows, steps)]).to(device)  # fmt: skip
+            stacked.stack(cache.layers[index], [state.cache.layers[index] for _, state in steps])
         wanted = set().union(*(_wanted(inputs) for inputs, _ in steps))
-        hidden, outputs = self._run_layers(loaded, sub_span, hidden, mask, cache, torch.cat(positions), past, wanted)
-        results, start = [], 0
-        for (inputs, state), batch, order, own_mask in zip(steps, rows, orders, masks):
-            own_rows = slice(start, start + batch)
+        mask = stacked.mask(device)
+        hidden, outputs = self._run_layers(loaded, sub_span, hidden, mask, cache, torch.cat(positions), stacked.past, wanted)
+        results = []
+        for (inputs, state), own_rows, order, own_mask in zip(steps, stacked.slices(), stacked.orders, stacked.masks):
             for index in sub_span:
-                unstack_layer(cache.layers[index], state.cache.layers[index], own_rows, state.length, tokens, past)
+                unstack_layer(cache.layers[index], state.cache.layers[index], own_rows, state.length, stacked.tokens, stacked.past)
             if order is not None:
                 state.kept = {name: tensor[order.to(tensor.device)] for name, tensor in state.kept.items()}
-            state.advance(own_mask, batch, tokens)
+            state.advance(own_mask, own_rows.stop - own_rows.start, stacked.tokens)
             names = [LAYER_OUTPUT.format(index) for index in _wanted(inputs)]
             results.append({"hidden_states": hidden[own_rows], **{name: outputs[name][own_rows] for name in names if name in outputs}})
-            start += batch
         return results
 
     def _run_layers(self, loaded: LoadedSpan, sub_span: BlockSpan, hidden, mask, cache, positions, past: int, wanted: set[int]):

@@ -10,6 +10,7 @@ Decoder request:               hidden_states (B, T, width), attention_mask (B, T
                                hypo_ids (B,) optional in a session (beam search), output_layers optional.
 
 A decoder session keeps its self- and cross-attention caches (`EncoderDecoderCache`) and the encoder output.
+The decoder steps of different sessions batch once their first steps have filled their cross-attention caches.
 A family says how many blocks each stack has and how a run of its blocks is called (`run_encoder`, `run_decoder`).
 """
 
@@ -21,9 +22,11 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import DynamicLayer
 
 from swarm.models.base import LAYER_OUTPUT, LoadedSpan, ModelFamily, Tensors
 from swarm.models.checks import check_hidden_states, check_mask, check_names, check_output_layers, require
+from swarm.models.stacking import StackedRows, unstack_layer
 from swarm.models.state import SequenceState
 from swarm.spans import BlockSpan
 
@@ -135,6 +138,66 @@ class EncoderDecoderFamily(ModelFamily):
                 state.advance(step.mask, batch, tokens)
         return {"hidden_states": hidden, **outputs}
 
+    def batch_key(self, loaded: LoadedSpan, sub_span: BlockSpan, inputs: Tensors, state, phase):
+        """Decoder steps of one span and one number of new tokens batch once their sessions' cross-attention caches
+        hold the encoder's keys and values; a session's first step, which computes them, runs alone."""
+        if self.stack_of(loaded.config, sub_span.start)[0] != DECODER or "encoder_hidden_states" in inputs:
+            return None
+        cache, positions = state.cache, self._positions(loaded.config, sub_span)
+        if type(cache) is not EncoderDecoderCache or not all(cache.is_updated.get(position) for position in positions):
+            return None
+        caches = (cache.self_attention_cache, cache.cross_attention_cache)
+        if any(type(layer) is not DynamicLayer for stack in caches for layer in stack.layers[positions[0] :]):
+            return None
+        return sub_span, inputs["hidden_states"].shape[1]
+
+    def forward_batch(self, loaded: LoadedSpan, sub_span: BlockSpan, steps: list[tuple[Tensors, SequenceState]]) -> list[Tensors]:
+        """Stacks the sessions' rows, their self-attention caches aligned on their last position and their
+        cross-attention caches on their first, each padded with masked zeros (`swarm.models.stacking`). The encoder
+        outputs are not stacked: every block takes its cross-attention keys and values from the caches."""
+        device, stacked = loaded.device, StackedRows.of(steps, loaded.device)
+        hidden = torch.cat([inputs["hidden_states"].to(device) for inputs, _ in steps])
+        positions = self._positions(loaded.config, sub_span)
+        self_cache, cross_cache = DynamicCache(), DynamicCache()
+        for cache in (self_cache, cross_cache):
+            cache.layers = [DynamicLayer() for _ in range(positions[-1] + 1)]
+        sources = [state.cache.cross_attention_cache.layers[positions[0]].keys.shape[-2] for _, state in steps]
+        for position in positions:
+            own_self = [state.cache.self_attention_cache.layers[position] for _, state in steps]
+            stacked.stack(self_cache.layers[position], own_self)
+            cross = [state.cache.cross_attention_cache.layers[position] for _, state in steps]
+            _stack_cross_layers(cross_cache.layers[position], cross, stacked.orders)
+        width = self.width(loaded.config)
+        kept = {"encoder_hidden_states": hidden.new_zeros(()).expand(len(hidden), max(sources), width)}
+        if (encoder_mask := _cross_mask(steps, stacked, sources)) is not None:
+            kept["encoder_attention_mask"] = encoder_mask.to(device)
+        cache = EncoderDecoderCache(self_cache, cross_cache)
+        outputs = {}
+
+        def keep(index: int, output: torch.Tensor):
+            outputs[index] = output
+
+        step = DecoderStep(kept, stacked.mask(device), stacked.past, cache)
+        hidden = self.run_decoder(loaded, sub_span, hidden, step, keep)
+        results = []
+        for (inputs, state), own_rows, order, own_mask in zip(steps, stacked.slices(), stacked.orders, stacked.masks):
+            for position in positions:
+                own = state.cache.self_attention_cache.layers[position]
+                unstack_layer(self_cache.layers[position], own, own_rows, state.length, stacked.tokens, stacked.past)
+            if order is not None:
+                state.cache.cross_attention_cache.reorder_cache(order)
+                state.kept = {name: tensor[order.to(tensor.device)] for name, tensor in state.kept.items()}
+            state.advance(own_mask, own_rows.stop - own_rows.start, stacked.tokens)
+            wanted = inputs["output_layers"].tolist() if "output_layers" in inputs else []
+            layers = {LAYER_OUTPUT.format(index): outputs[index][own_rows] for index in wanted if index in outputs}
+            results.append({"hidden_states": hidden[own_rows], **layers})
+        return results
+
+    def _positions(self, config, sub_span: BlockSpan) -> list[int]:
+        """The decoder positions (cache layer indices) of decoder blocks `sub_span`."""
+        return [self.stack_of(config, index)[1] for index in sub_span]
+
+
 
 def begin_decoder_step(loaded: LoadedSpan, inputs: Tensors, state: SequenceState | None, batch: int, tokens: int) -> DecoderStep:
     """The encoder output and masks a decoder step runs with: the request's, or in a session the ones kept from its
@@ -154,3 +217,29 @@ def begin_decoder_step(loaded: LoadedSpan, inputs: Tensors, state: SequenceState
 def to_device(mask: torch.Tensor | None, like) -> torch.Tensor | None:
     """`mask` on the device of `like` (a tensor or a `LoadedSpan`)."""
     return mask.to(like.device) if mask is not None else None
+
+
+def _stack_cross_layers(merged: DynamicLayer, layers: list[DynamicLayer], orders: list):
+    """Fills `merged` with the cross-attention keys and values of `layers` (one per session, each reordered by its
+    beam order or None), stacked by rows and right-padded with zeros to the longest encoder output."""
+    parts = [(layer.keys, layer.values) if order is None else (layer.keys[order], layer.values[order])
+             for layer, order in zip(layers, orders)]  # fmt: skip
+    source = max(keys.shape[-2] for keys, _ in parts)
+    keys = torch.cat([torch.nn.functional.pad(keys, (0, 0, 0, source - keys.shape[-2])) for keys, _ in parts])
+    values = torch.cat([torch.nn.functional.pad(values, (0, 0, 0, source - values.shape[-2])) for _, values in parts])
+    merged.lazy_initialization(keys, values)
+    merged.keys, merged.values = keys, values
+
+
+def _cross_mask(steps: list[tuple[Tensors, SequenceState]], stacked: StackedRows, sources: list[int]) -> torch.Tensor | None:
+    """The batch's encoder attention mask: each session's (reordered by its beams), right-padded with zeros to the
+    longest encoder output; None while every session has an unmasked output of the same length."""
+    masks = [state.kept.get("encoder_attention_mask") for _, state in steps]
+    if all(mask is None for mask in masks) and len(set(sources)) == 1:
+        return None
+    padded = []
+    for mask, batch, order, source in zip(masks, stacked.rows, stacked.orders, sources):
+        mask = torch.ones(batch, source, dtype=torch.long) if mask is None else mask.long()
+        mask = mask[order.to(mask.device)] if order is not None else mask
+        padded.append(torch.nn.functional.pad(mask.cpu(), (0, max(sources) - source)))
+    return torch.cat(padded)

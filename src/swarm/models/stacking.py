@@ -14,8 +14,57 @@ the batch's window does. After the forward each session takes back its own rows 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import DynamicLayer
+
+from swarm.models.base import Tensors
+from swarm.models.state import SequenceState, extend_mask
+
+
+@dataclass
+class StackedRows:
+    """How the steps of several sessions sit in one batch."""
+
+    rows: list[int]  # each session's rows, in order
+    orders: list[torch.Tensor | None]  # each session's beam order (its step's `hypo_ids`), or None
+    masks: list[torch.Tensor | None]  # each session's mask of every position after the step (None: all ones)
+    lengths: list[int]  # each session's positions before the step
+    past: int  # the longest session's positions before the step
+    tokens: int  # the step's new positions, the same for every session
+
+    @classmethod
+    def of(cls, steps: list[tuple[Tensors, SequenceState]], device) -> StackedRows:
+        rows, orders, masks, lengths = [], [], [], []
+        tokens = steps[0][0]["hidden_states"].shape[1]
+        for inputs, state in steps:
+            batch = inputs["hidden_states"].shape[0]
+            order = inputs["hypo_ids"].to(device) if "hypo_ids" in inputs else None
+            own_mask = state.attention_mask if order is None or state.attention_mask is None else state.attention_mask[order]
+            rows.append(batch)
+            orders.append(order)
+            masks.append(extend_mask(own_mask, inputs.get("attention_mask"), batch, state.length, tokens))
+            lengths.append(state.length)
+        return cls(rows, orders, masks, lengths, max(lengths), tokens)
+
+    def slices(self) -> list[slice]:
+        """Each session's rows of the batch."""
+        ends = torch.tensor(self.rows).cumsum(0).tolist()
+        return [slice(end - batch, end) for end, batch in zip(ends, self.rows)]
+
+    def mask(self, device) -> torch.Tensor | None:
+        """The batch's 2-D mask of every position (None while every session has all of them, unmasked)."""
+        if all(mask is None for mask in self.masks) and all(length == self.past for length in self.lengths):
+            return None
+        width = self.past + self.tokens
+        padded = [padded_mask(mask, batch, length + self.tokens, width)
+                  for mask, batch, length in zip(self.masks, self.rows, self.lengths)]  # fmt: skip
+        return torch.cat(padded).to(device)
+
+    def stack(self, merged: DynamicLayer, layers: list[DynamicLayer]):
+        """`stack_layers` for these sessions."""
+        stack_layers(merged, layers, self.lengths, self.rows, self.orders, self.past)
 
 
 def kept_positions(layer: DynamicLayer, length: int) -> int:
