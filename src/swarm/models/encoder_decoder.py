@@ -171,14 +171,9 @@ class EncoderDecoderFamily(ModelFamily):
         kept = {"encoder_hidden_states": hidden.new_zeros(()).expand(len(hidden), max(sources), width)}
         if (encoder_mask := _cross_mask(steps, stacked, sources)) is not None:
             kept["encoder_attention_mask"] = encoder_mask.to(device)
-        cache = EncoderDecoderCache(self_cache, cross_cache)
-        outputs = {}
-
-        def keep(index: int, output: torch.Tensor):
-            outputs[index] = output
-
-        step = DecoderStep(kept, stacked.mask(device), stacked.past, cache)
-        hidden = self.run_decoder(loaded, sub_span, hidden, step, keep)
+        step = DecoderStep(kept, stacked.mask(device), stacked.past, EncoderDecoderCache(self_cache, cross_cache))
+        outputs = {}  # every block's output, by its index
+        hidden = self.run_decoder(loaded, sub_span, hidden, step, outputs.__setitem__)
         results = []
         for (inputs, state), own_rows, order, own_mask in zip(steps, stacked.slices(), stacked.orders, stacked.masks):
             for position in positions:
@@ -196,7 +191,6 @@ class EncoderDecoderFamily(ModelFamily):
     def _positions(self, config, sub_span: BlockSpan) -> list[int]:
         """The decoder positions (cache layer indices) of decoder blocks `sub_span`."""
         return [self.stack_of(config, index)[1] for index in sub_span]
-
 
 
 def begin_decoder_step(loaded: LoadedSpan, inputs: Tensors, state: SequenceState | None, batch: int, tokens: int) -> DecoderStep:
