@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, LlamaForCausalLM
+from transformers import BitsAndBytesConfig, GPT2Config, LlamaForCausalLM
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from transformers.pytorch_utils import Conv1D
 
@@ -15,7 +15,7 @@ from swarm.client.config import ClientConfig
 from swarm.errors import MissingBlocksError
 from swarm.launch import LocalSwarm
 from swarm.quantization import quantize_linears
-from tests.conftest import assert_same_generation, generate_both
+from tests.conftest import assert_same_generation, generate_both, make_tiny_llama
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 5, 61, 23, 7]])
 
@@ -137,3 +137,26 @@ def test_gpt2s_conv1d_layers_are_quantized_as_the_linear_layers_they_are(quant_t
         quantized = block(hidden)[0]
     error = (quantized - expected).abs().max().item()  # the block changes its input by about 4: a wrong weight shows
     assert 0 < error < (0.01 if quant_type == "int8" else 0.1), error
+
+
+@pytest.mark.parametrize("quant_type", ["int8", "nf4"])
+def test_blocks_are_quantized_as_transformers_quantizes_a_whole_model(quant_type, tmp_path):
+    """A local model that transformers quantizes (`BitsAndBytesConfig` with its defaults: LLM.int8's outlier
+    threshold of 6, nf4 without double quantization) computes what one with its layers quantized as a server's are
+    does, to the bit. Its weights are large enough that some activations pass the outlier threshold."""
+    directory = make_tiny_llama(tmp_path / "llama", hidden_size=64, intermediate_size=128, num_attention_heads=4, initializer_range=0.2)
+    if quant_type == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    reference = LlamaForCausalLM.from_pretrained(directory, quantization_config=config, device_map="cpu", dtype=torch.float32)
+    model = local_model(directory, {range(5): quant_type})
+    largest = []  # the largest input of each quantized layer
+    for module in model.modules():
+        if "bitsandbytes" in type(module).__module__:
+            module.register_forward_pre_hook(lambda module, inputs: largest.append(inputs[0].abs().max().item()))
+    with torch.inference_mode():
+        expected = reference(PROMPT).logits
+        assert torch.equal(model(PROMPT).logits, expected)
+        assert (expected - local_model(directory, {})(PROMPT).logits).abs().max() > 1e-3
+    assert max(largest) > 6, largest

@@ -3,7 +3,9 @@
 bitsandbytes does the quantization and the matrix products, on the CPU as on a GPU. Every `nn.Linear` inside a
 server's blocks (and every transformers `Conv1D`, GPT-2's linear layer) is replaced by its bitsandbytes
 counterpart (`Linear8bitLt`, `Linear4bit`) holding the quantized weights; everything else (norms, embeddings of
-positions, fused expert tensors) keeps the server's dtype. A server announces what it runs (`ServerRecord.dtype`,
+positions, fused expert tensors) keeps the server's dtype. The settings are transformers' defaults
+(`BitsAndBytesConfig(load_in_8bit=True)`, `load_in_4bit=True` with `bnb_4bit_quant_type="nf4"`), so a block
+computes what the same layer of a model that transformers quantized computes. A server announces what it runs (`ServerRecord.dtype`,
 `ServerRecord.quant_type`), and a client may require a minimum precision (`ClientConfig.min_precision`): bits per
 weight, float32 > float16 = bfloat16 > int8 > nf4.
 """
@@ -23,6 +25,7 @@ from swarm.errors import ConfigurationError
 logger = logging.getLogger(__name__)
 
 QUANT_TYPES = ("none", "int8", "nf4")
+INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold: input features above it are multiplied in the compute dtype
 PRECISION_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8, "nf4": 4}
 
 
@@ -64,7 +67,8 @@ def _replace_linears(bnb, module: nn.Module, quant_type: str, dtype: torch.dtype
     replaced = 0
     for name, child in list(module.named_children()):
         if (parts := _linear_parts(child)) is not None:
-            setattr(module, name, _quantized(bnb, *parts, quant_type, dtype, device))
+            # in the mode of the layer it replaces: bitsandbytes computes otherwise in training mode
+            setattr(module, name, _quantized(bnb, *parts, quant_type, dtype, device).train(child.training))
             replaced += 1
         else:
             replaced += _replace_linears(bnb, child, quant_type, dtype, device)
@@ -98,11 +102,18 @@ def _quantized(bnb, inputs: int, outputs: int, weight: torch.Tensor, bias: torch
                dtype: torch.dtype, device) -> nn.Module:
     weight = weight.to(dtype).contiguous()
     if quant_type == "int8":
-        quantized = bnb.nn.Linear8bitLt(inputs, outputs, bias=bias is not None, has_fp16_weights=False, threshold=0.0)
+        quantized = bnb.nn.Linear8bitLt(
+            inputs, outputs, bias=bias is not None, has_fp16_weights=False, threshold=INT8_THRESHOLD
+        )
         quantized.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
-        quantized = bnb.nn.Linear4bit(inputs, outputs, bias=bias is not None, compute_dtype=dtype, quant_type="nf4")
-        quantized.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        quantized = bnb.nn.Linear4bit(
+            inputs, outputs, bias=bias is not None, compute_dtype=dtype, compress_statistics=False, quant_type="nf4"
+        )
+        quantized.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=False, quant_type="nf4")
+        # bitsandbytes' packed CPU kernel (its eval-mode path where the CPU has AVX512-BF16) takes whole blocks of
+        # input features only, and fails on any other layer: that one multiplies as in training mode
+        quantized.support_avx512bf16_for_cpu &= inputs % quantized.weight.blocksize == 0
     if bias is not None:
         quantized.bias = nn.Parameter(bias.data.to(dtype, copy=True), requires_grad=False)
     return quantized.to(device)  # bitsandbytes quantizes the weights as they move to the device
