@@ -9,7 +9,9 @@ from transformers import DynamicCache, EncoderDecoderCache, T5Config, T5ForCondi
 from swarm import AutoDistributedModel
 from swarm.client.seq2seq_lm import DistributedModelForSeq2SeqLM
 from swarm.launch import LocalSwarm
+from swarm.spans import BlockSpan
 from tests.conftest import ATOL, assert_same_generation
+from tests.test_fast_path import load
 from tests.test_push import push_counts
 from tests.test_speculative import counted_crops
 
@@ -150,3 +152,18 @@ def test_hidden_states_match_local(t5_setup):
         assert len(remote[name]) == len(expected[name]) > 2
         for got, want in zip(remote[name], expected[name]):
             torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_blocks_in_bfloat16_compute_what_the_model_in_bfloat16_does(tmp_path):
+    """A span of encoder blocks loaded in bfloat16 (its relative position bias in bfloat16 too, as in the whole
+    model loaded in bfloat16) gives the hidden states the local bfloat16 model gives after the same blocks."""
+    directory = make_tiny_t5(tmp_path / "tiny-t5", initializer_factor=1.0)
+    local = T5ForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    family, loaded = load(directory, BlockSpan(0, 2), torch.bfloat16)
+    input_ids, attention_mask = encoder_batch()
+    with torch.inference_mode():
+        expected = local.encoder(input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[2]
+        inputs = {"hidden_states": local.encoder.embed_tokens(input_ids), "attention_mask": attention_mask}
+        served = family.forward(loaded, BlockSpan(0, 2), inputs, None, None)["hidden_states"]
+    assert served.dtype == torch.bfloat16
+    torch.testing.assert_close(served, expected, atol=0, rtol=0)

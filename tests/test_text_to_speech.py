@@ -19,8 +19,12 @@ from transformers import (
     pipeline,
 )
 
+from swarm.checkpoint import CheckpointIndex, load_model_config
 from swarm.client.text_to_speech import DistributedModelForTextToSpeech
 from swarm.errors import UnsupportedModelError
+from swarm.models import FAMILIES, family_for
+from swarm.models.base import load_span
+from swarm.spans import BlockSpan
 from tests.conftest import ATOL, served_model
 
 SPANS = ["0:2", "2:5", "5:7"]
@@ -140,3 +144,19 @@ def test_cross_attentions_are_refused_by_name(speecht5):
     input_ids = tokenizer("hi", return_tensors="pt").input_ids
     with pytest.raises(UnsupportedModelError, match="cross-attentions"):
         model.generate_speech(input_ids, speaker(), output_cross_attentions=True)
+
+
+def test_encoder_blocks_in_bfloat16_compute_what_the_model_in_bfloat16_does(tmp_path):
+    """A span of encoder blocks loaded in bfloat16, with the relative position embedding their server computes for
+    them in bfloat16 too, gives the hidden states the local bfloat16 model gives after the same blocks."""
+    directory = make_tiny_speecht5(tmp_path / "tiny-speecht5")
+    local = SpeechT5ForTextToSpeech.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    config, weights = load_model_config(directory, FAMILIES)
+    family = family_for(config)
+    loaded = load_span(family, family.prepare_config(config), CheckpointIndex(weights), BlockSpan(0, 2), torch.bfloat16, "cpu")
+    input_ids = torch.tensor([[3, 7, 9, 4, 12, 5]])
+    with torch.inference_mode():
+        hidden_states = local.speecht5.encoder(input_ids, output_hidden_states=True).hidden_states
+        served = family.forward(loaded, BlockSpan(0, 2), {"hidden_states": hidden_states[0]}, None, None)["hidden_states"]
+    assert served.dtype == torch.bfloat16
+    torch.testing.assert_close(served, hidden_states[2], atol=0, rtol=0)

@@ -222,6 +222,9 @@ def load_span(
     if quant_type != "none":
         return_freed_memory()
     helpers = family.build_helpers(config, device, checkpoint, span)
+    for parameter in (parameter for helper in helpers.values() for parameter in helper.parameters()):
+        # in the blocks' dtype, as in the whole model loaded in it (whose buffers, rotary frequencies, stay float32)
+        parameter.data = parameter.data.to(dtype)
     loaded = LoadedSpan(config, span, nn.ModuleList(blocks), dtype, torch.device(device), helpers, quant_type=quant_type)
     loaded.fast_path = quant_type == "none" and family.check_fast_path(loaded)  # fast paths read plain weights
     return loaded
