@@ -125,11 +125,12 @@ def test_bad_precisions_are_refused_by_name():
 
 @pytest.mark.parametrize("quant_type", ["int8", "nf4"])
 def test_gpt2s_conv1d_layers_are_quantized_as_the_linear_layers_they_are(quant_type):
-    config = GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=50, bos_token_id=1, eos_token_id=2)
+    # 48 features: the MLP's c_proj takes whole blocks of 64 inputs but gives 48 outputs, not whole blocks of 32
+    config = GPT2Config(n_embd=48, n_layer=1, n_head=4, vocab_size=50, bos_token_id=1, eos_token_id=2)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     block = GPT2Block(config).eval()
-    hidden = torch.randn(2, 5, 64)
+    hidden = torch.randn(2, 5, 48)
     with torch.inference_mode():
         expected = block(hidden)[0]
         assert quantize_linears(block, quant_type, torch.float32, "cpu") == 4  # attention's c_attn, c_proj; the MLP's

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 QUANT_TYPES = ("none", "int8", "nf4")
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold: input features above it are multiplied in the compute dtype
+PACKED_ROWS = 32  # output features per block of bitsandbytes' packed nf4 CPU kernel (`block_n`)
 PRECISION_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8, "nf4": 4}
 
 
@@ -112,8 +113,10 @@ def _quantized(bnb, inputs: int, outputs: int, weight: torch.Tensor, bias: torch
         )
         quantized.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=False, quant_type="nf4")
         # bitsandbytes' packed CPU kernel (its eval-mode path where the CPU has AVX512-BF16) takes whole blocks of
-        # input features only, and fails on any other layer: that one multiplies as in training mode
-        quantized.support_avx512bf16_for_cpu &= inputs % quantized.weight.blocksize == 0
+        # input features and of PACKED_ROWS output features only, and fails on any other layer: that one multiplies
+        # as in training mode
+        whole = inputs % quantized.weight.blocksize == 0 and outputs % PACKED_ROWS == 0
+        quantized.support_avx512bf16_for_cpu &= whole
     if bias is not None:
         quantized.bias = nn.Parameter(bias.data.to(dtype, copy=True), requires_grad=False)
     return quantized.to(device)  # bitsandbytes quantizes the weights as they move to the device
