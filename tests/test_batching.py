@@ -389,6 +389,25 @@ def generate_concurrently(model, jobs: dict, *others: threading.Thread) -> dict:
     return outputs
 
 
+def assert_batching_swarm_matches_local(directory, spans: list[str], jobs: dict, local, logs, **local_kwargs):
+    """Serves `directory` on servers of `spans` that wait up to 100 ms for each other's sessions, runs `jobs`
+    (`generate_concurrently`) through them, and checks that each generation is the local model's and that every
+    server batched. `local_kwargs` maps keywords of the local `generate` to callables that make their values anew
+    for each job (a cache, say)."""
+    with LocalSwarm(directory, spans, server_args=("--batch-wait-ms", "100"), log_dir=logs) as swarm:
+        model = AutoDistributedModel.from_pretrained(directory, initial_peers=swarm.initial_peers, coverage_timeout=30)
+        try:
+            outputs = generate_concurrently(model, jobs)
+            infos = [server_info(server.address) for server in swarm.servers]
+        finally:
+            model.remote.shutdown()
+    for name, (input_ids, kwargs) in jobs.items():
+        fresh = {key: make() for key, make in local_kwargs.items()}
+        expected = local.generate(input_ids, output_logits=True, return_dict_in_generate=True, **fresh, **kwargs)
+        assert_same_generation(outputs[name], expected)
+    assert all(info["batches"] > 0 and info["steps_batched"] >= 2 * info["batches"] for info in infos), infos
+
+
 def test_concurrent_clients_batch_and_each_gets_the_local_models_output(batching_swarm, tiny_llama, local_tiny_llama):
     """Sessions of different lengths and batch sizes (one left-padded, one with beams, one that ends early, one
     with a bad step) step together; every generation matches the local model's."""
@@ -429,18 +448,7 @@ def test_concurrent_sessions_of_a_sliding_window_model_batch_within_and_past_the
             for name, start, length in [("a", 10, 3), ("b", 20, 5), ("c", 30, 6), ("past", 40, 12)]}  # fmt: skip
     repeating = torch.tensor([[3, 4, 5, 6, 3, 4, 5, 6, 3, 4]])
     jobs["lookup"] = (repeating, {"max_new_tokens": 10, "prompt_lookup_num_tokens": 3})
-    logs = tmp_path_factory.mktemp("logs")
-    with LocalSwarm(directory, ["0:1", "1:4"], server_args=("--batch-wait-ms", "100"), log_dir=logs) as swarm:
-        model = AutoDistributedModel.from_pretrained(directory, initial_peers=swarm.initial_peers, coverage_timeout=30)
-        try:
-            outputs = generate_concurrently(model, jobs)
-            infos = [server_info(server.address) for server in swarm.servers]
-        finally:
-            model.remote.shutdown()
-    for name, (input_ids, kwargs) in jobs.items():
-        expected = local.generate(input_ids, output_logits=True, return_dict_in_generate=True, **kwargs)
-        assert_same_generation(outputs[name], expected)
-    assert all(info["batches"] > 0 and info["steps_batched"] >= 2 * info["batches"] for info in infos), infos
+    assert_batching_swarm_matches_local(directory, ["0:1", "1:4"], jobs, local, tmp_path_factory.mktemp("logs"))
 
 
 def test_concurrent_sessions_of_an_encoder_decoder_batch(tmp_path_factory):
@@ -457,14 +465,4 @@ def test_concurrent_sessions_of_an_encoder_decoder_batch(tmp_path_factory):
         "beams": (torch.tensor([[50, 51, 52, 53]]), {"max_new_tokens": 6, "num_beams": 2}),
     }
     logs = tmp_path_factory.mktemp("logs")
-    with LocalSwarm(directory, ["0:4", "4:7"], server_args=("--batch-wait-ms", "100"), log_dir=logs) as swarm:
-        model = AutoDistributedModel.from_pretrained(directory, initial_peers=swarm.initial_peers, coverage_timeout=30)
-        try:
-            outputs = generate_concurrently(model, jobs)
-            infos = [server_info(server.address) for server in swarm.servers]
-        finally:
-            model.remote.shutdown()
-    for name, (input_ids, kwargs) in jobs.items():
-        expected = local.generate(input_ids, output_logits=True, return_dict_in_generate=True, cache=fresh_cache(), **kwargs)
-        assert_same_generation(outputs[name], expected)
-    assert all(info["batches"] > 0 and info["steps_batched"] >= 2 * info["batches"] for info in infos), infos
+    assert_batching_swarm_matches_local(directory, ["0:4", "4:7"], jobs, local, logs, cache=fresh_cache)
