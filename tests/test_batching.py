@@ -314,12 +314,15 @@ def opened(family, loaded, span, generator, batch: int, tokens: int, source: int
 def test_encoder_decoder_sessions_batch_exactly_once_their_first_steps_ran(decoder_span):
     """Decoder sessions of different lengths over encoder outputs of different lengths (one session left-padded,
     with a masked encoder output and beams) batch like alone; so do sessions of equal lengths, without masks. A
-    first step, which brings the encoder output, runs alone."""
+    first step, which brings the encoder output, runs alone, and so does a step over an encoder output whose
+    cross-attention keys and values are too large to copy for a batch."""
     family, loaded, span = decoder_span
     generator, width = torch.Generator().manual_seed(5), family.width(loaded.config)
     fresh = family.new_session_state(loaded, span, max_length=64)
     first = {"hidden_states": torch.randn(1, 2, width), "encoder_hidden_states": torch.randn(1, 5, width)}
     assert family.batch_key(loaded, span, first, fresh, None) is None
+    long_source = opened(family, loaded, span, generator, 1, 2, 600)  # its cross-attention outweighs a block
+    assert family.batch_key(loaded, span, step_inputs(loaded, generator, 1), long_source, None) is None
     masks = dict(attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]), encoder_attention_mask=torch.tensor([[1] * 4 + [0] * 3, [1] * 7]))
     states = [opened(family, loaded, span, generator, 1, 6, 4), opened(family, loaded, span, generator, 2, 3, 7, **masks),
               opened(family, loaded, span, generator, 1, 1, 9)]  # fmt: skip

@@ -33,6 +33,13 @@ from swarm.spans import BlockSpan
 ENCODER, DECODER = "encoder", "decoder"
 KEPT = ("encoder_hidden_states", "encoder_attention_mask")  # what a decoder session keeps from its first step
 
+# A batch copies each row's cross-attention keys and values into one tensor per block, and reads each block's
+# weights once for all its rows instead of once per session: it pays while a row's keys and values times this
+# stay under a block's weights. Measured on 2 cores, 2/4/8 sessions batched against alone: a t5-small-shaped
+# decoder over 40 encoder positions 1.4/2.0/2.9x as fast (0.04 of the bound), over 400 1.0/1.3/1.55x (0.39);
+# Whisper tiny.en's over 1500 positions (1.95 times it) 0.74/0.86/1.02x.
+CROSS_COPY_FACTOR = 4
+
 Keep = Callable[[int, torch.Tensor], None]  # keep(block index, its output): records what the request asked for
 
 
@@ -149,6 +156,11 @@ class EncoderDecoderFamily(ModelFamily):
         caches = (cache.self_attention_cache, cache.cross_attention_cache)
         if any(type(layer) is not DynamicLayer for stack in caches for layer in stack.layers[positions[0] :]):
             return None
+        cross = cache.cross_attention_cache.layers[positions[0]]
+        block = loaded.blocks_of(BlockSpan(sub_span.start, sub_span.start + 1))[0]
+        weights = sum(parameter.numel() for parameter in block.parameters())
+        if CROSS_COPY_FACTOR * (cross.keys[0].numel() + cross.values[0].numel()) > weights:
+            return None  # a long encoder output: stacking its keys and values would cost more than batching saves
         return sub_span, inputs["hidden_states"].shape[1]
 
     def forward_batch(self, loaded: LoadedSpan, sub_span: BlockSpan, steps: list[tuple[Tensors, SequenceState]]) -> list[Tensors]:
@@ -216,11 +228,17 @@ def to_device(mask: torch.Tensor | None, like) -> torch.Tensor | None:
 def _stack_cross_layers(merged: DynamicLayer, layers: list[DynamicLayer], orders: list):
     """Fills `merged` with the cross-attention keys and values of `layers` (one per session, each reordered by its
     beam order or None), stacked by rows and right-padded with zeros to the longest encoder output."""
-    parts = [(layer.keys, layer.values) if order is None else (layer.keys[order], layer.values[order])
-             for layer, order in zip(layers, orders)]  # fmt: skip
-    source = max(keys.shape[-2] for keys, _ in parts)
-    keys = torch.cat([torch.nn.functional.pad(keys, (0, 0, 0, source - keys.shape[-2])) for keys, _ in parts])
-    values = torch.cat([torch.nn.functional.pad(values, (0, 0, 0, source - values.shape[-2])) for _, values in parts])
+    reference, rows = layers[0], [layer.keys.shape[0] for layer in layers]
+    source = max(layer.keys.shape[-2] for layer in layers)
+    keys = reference.keys.new_zeros(sum(rows), reference.keys.shape[1], source, reference.keys.shape[3])
+    values = reference.values.new_zeros(sum(rows), reference.values.shape[1], source, reference.values.shape[3])
+    start = 0
+    for layer, batch, order in zip(layers, rows, orders):
+        own = slice(start, start + batch)
+        length = layer.keys.shape[-2]
+        keys[own, :, :length] = layer.keys if order is None else layer.keys[order]
+        values[own, :, :length] = layer.values if order is None else layer.values[order]
+        start += batch
     merged.lazy_initialization(keys, values)
     merged.keys, merged.values = keys, values
 
