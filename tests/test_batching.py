@@ -27,6 +27,7 @@ from swarm.transport import Connection
 from tests.conftest import ATOL, assert_same_generation
 from tests.test_architectures import ARCHITECTURES, make_model
 from tests.test_fast_path import load
+from tests.test_mixtral import make_tiny_mixtral
 from tests.test_t5 import fresh_cache, make_tiny_t5
 from tests.test_text_to_speech import make_tiny_speecht5
 from tests.test_whisper import make_tiny_whisper
@@ -235,6 +236,15 @@ def test_every_decoder_architecture_batches_exactly(name, tmp_path):
     assert_batch_matches_alone(family, loaded, steps)
     steps = [(step_inputs(loaded, generator, 1), prefilled(family, loaded, generator, 1, 4)) for _ in range(2)]
     assert_batch_matches_alone(family, loaded, steps)
+
+
+def test_mixture_of_experts_sessions_batch_exactly(tmp_path):
+    """Mixtral: each row of a batch is routed to its own experts, as it is alone."""
+    make_tiny_mixtral(tmp_path / "mixtral", num_hidden_layers=SPAN.end)
+    family, loaded = load(tmp_path / "mixtral", SPAN)
+    steps = three_sessions(family, loaded, torch.Generator().manual_seed(6))
+    assert {family.batch_key(loaded, SPAN, inputs, state, None) for inputs, state in steps} == {(SPAN, 1)}
+    assert_batch_matches_alone(family, loaded, steps, steps_after=2)
 
 
 SLIDING = sorted(name for name, (_, settings) in ARCHITECTURES.items() if "sliding_window" in settings)
