@@ -14,6 +14,7 @@ the batch's window does. After the forward each session takes back its own rows 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -50,8 +51,7 @@ class StackedRows:
 
     def slices(self) -> list[slice]:
         """Each session's rows of the batch."""
-        ends = torch.tensor(self.rows).cumsum(0).tolist()
-        return [slice(end - batch, end) for end, batch in zip(ends, self.rows)]
+        return [slice(end - batch, end) for end, batch in zip(itertools.accumulate(self.rows), self.rows)]
 
     def mask(self, device) -> torch.Tensor | None:
         """The batch's 2-D mask of every position (None while every session has all of them, unmasked)."""
