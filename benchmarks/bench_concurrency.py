@@ -1,9 +1,9 @@
 """Concurrency benchmark: many clients generating at once from one swarm, with continuous batching on and off.
 
     python benchmarks/bench_concurrency.py [--clients 1 2 4 8 16] [--new-tokens 64] [--batch-wait-ms 5]
-                                           [--server-cpus 0] [--client-cpus 1]
+                                           [--server-cpus 0] [--client-cpus 1] [--torch-dtype bfloat16]
 
-SmolLM2-135M-Instruct (float32) is served by one server hosting all 30 blocks, then by a chain of 3 servers
+SmolLM2-135M-Instruct (float32, or `--torch-dtype`: the servers' blocks and the client's head) is served by one server hosting all 30 blocks, then by a chain of 3 servers
 (0:10, 10:20, 20:30); each by two swarms at once, one batching (`--batch-wait-ms`) and one not (`--batch-wait-ms
 0`), which serve in turns. For each number of clients N, N threads of this process share one distributed model
 (as the HTTP API's requests do) and each generates `--new-tokens` greedy tokens (EOS suppressed) from a prompt of
@@ -102,9 +102,9 @@ def run_clients(model, inputs: list[dict], new_tokens: int) -> dict[str, float]:
     }
 
 
-def blocks_alone(checkpoint, batch_sizes: list[int], repeats: int = 10) -> dict[int, float]:
+def blocks_alone(checkpoint, batch_sizes: list[int], dtype: torch.dtype, repeats: int = 10) -> dict[int, float]:
     """Median seconds of one decode step of the local model's blocks (no head) for each batch size."""
-    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
     seconds = {}
     with torch.inference_mode():
         for batch in batch_sizes:
@@ -172,7 +172,10 @@ def main():
     parser.add_argument("--topologies", nargs="+", choices=list(TOPOLOGIES), default=list(TOPOLOGIES))
     parser.add_argument("--server-cpus", help="CPUs of the servers (as taskset writes them: 0-3,6); with --client-cpus")
     parser.add_argument("--client-cpus", help="CPUs of the clients; default: the servers and clients share every CPU")
+    parser.add_argument("--torch-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="what the servers' blocks and the client's head compute in")  # fmt: skip
     args = parser.parse_args()
+    dtype = getattr(torch, args.torch_dtype)
     logging.basicConfig(level=logging.WARNING)
     checkpoint = smollm2_checkpoint()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -187,11 +190,11 @@ def main():
             with on_cpus(server_cpus):
                 for batching, wait in (("on", args.batch_wait_ms), ("off", 0.0)):
                     logs = stack.enter_context(tempfile.TemporaryDirectory())
-                    server_args = ("--batch-wait-ms", f"{wait:g}")
+                    server_args = ("--batch-wait-ms", f"{wait:g}", "--torch-dtype", args.torch_dtype)
                     swarms[batching] = stack.enter_context(LocalSwarm(checkpoint, TOPOLOGIES[topology], server_args=server_args, log_dir=logs))
             stack.enter_context(on_cpus(client_cpus))
             for batching, swarm in swarms.items():
-                model = AutoDistributedModel.from_pretrained(checkpoint, initial_peers=swarm.initial_peers)
+                model = AutoDistributedModel.from_pretrained(checkpoint, initial_peers=swarm.initial_peers, dtype=dtype)
                 stack.callback(model.remote.shutdown)
                 run_clients(model, inputs[:2], 4)  # warm-up
                 models[batching] = swarm, model
@@ -206,7 +209,7 @@ def main():
                     figures["forward"] = seconds / forwards * 1000
                     results[topology, batching, clients] = figures
                     print(f"{topology}, batching {batching}, {clients} client(s): {figures['aggregate']:.1f} tokens/s", flush=True)
-    print(f"\n{machine_line()}; SmolLM2-135M-Instruct float32, {args.new_tokens} greedy tokens per client, "
+    print(f"\n{machine_line()}; SmolLM2-135M-Instruct {args.torch_dtype}, {args.new_tokens} greedy tokens per client, "
           f"batching on = --batch-wait-ms {args.batch_wait_ms:g}"
           + (f", servers on CPUs {args.server_cpus}, clients on CPUs {args.client_cpus}" if server_cpus else ""))  # fmt: skip
     results = dict(sorted(results.items(), key=lambda item: (args.topologies.index(item[0][0]), item[0][1] == "off")))
@@ -220,7 +223,7 @@ def main():
                      f"{figures['forward']:.1f}"])  # fmt: skip
     print(format_table(rows))
     with on_cpus(server_cpus):
-        local = blocks_alone(checkpoint, args.clients)
+        local = blocks_alone(checkpoint, args.clients, dtype)
     rows = [["rows", "blocks' step ms", "tokens/s of the blocks", "x 1 row"]]
     for batch, seconds in local.items():
         rows.append([str(batch), f"{seconds * 1000:.1f}", f"{batch / seconds:.1f}", f"{batch * local[args.clients[0]] / seconds / args.clients[0]:.2f}x"])
