@@ -34,12 +34,12 @@ CONFIGS = {
 }
 
 
-def load(directory, blocks: BlockSpan, dtype=torch.float32, family=None, attention="sdpa"):
+def load(directory, blocks: BlockSpan, dtype=torch.float32, family=None, attention="sdpa", quant_type="none"):
     config, weights = load_model_config(directory, FAMILIES)
     family = family or family_for(config)
     config = family.prepare_config(config)
     config._attn_implementation = attention
-    return family, load_span(family, config, CheckpointIndex(weights), blocks, dtype, "cpu")
+    return family, load_span(family, config, CheckpointIndex(weights), blocks, dtype, "cpu", quant_type=quant_type)
 
 
 def run_session(family, loaded, span: BlockSpan, fast: bool, dtype=torch.float32) -> list[torch.Tensor]:

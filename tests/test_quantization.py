@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BitsAndBytesConfig, GPT2Config, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, LlamaForCausalLM
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from transformers.pytorch_utils import Conv1D
 
@@ -161,3 +161,67 @@ def test_blocks_are_quantized_as_transformers_quantizes_a_whole_model(quant_type
         assert torch.equal(model(PROMPT).logits, expected)
         assert (expected - local_model(directory, {})(PROMPT).logits).abs().max() > 1e-3
     assert max(largest) > 6, largest
+
+
+# shapes bitsandbytes' nf4 CPU kernel takes (whole blocks of 64 inputs and 32 outputs), which transformers' nf4
+# models need: they run it on every layer
+NF4_SHAPES = {"falcon": dict(hidden_size=64), "gpt2": dict(n_embd=64), "bloom": dict(hidden_size=64),
+              "gemma3_text": dict(hidden_size=64, intermediate_size=128, head_dim=16, query_pre_attn_scalar=16)}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(NF4_SHAPES))
+@pytest.mark.parametrize(("dtype", "quant_type"), [("float32", "int8"), ("bfloat16", "nf4"), ("float16", "none")])
+def test_decoder_blocks_hold_their_layers_as_transformers_loads_the_model(name, dtype, quant_type, tmp_path):
+    """Every block of a causal LM, loaded in half precision or quantized, computes what the same layers of the
+    model transformers loads so compute, to the bit: Falcon's own linear class (`FalconLinear`) stays unquantized,
+    as transformers leaves it; GPT-2's `Conv1D` is quantized."""
+    from swarm.checkpoint import CheckpointIndex, load_model_config
+    from swarm.models import FAMILIES, family_for
+    from swarm.models.base import load_span
+    from swarm.spans import BlockSpan
+    from tests.test_architectures import make_model, random_ids
+
+    directory = make_model(tmp_path / name, name, **NF4_SHAPES[name])
+    dtype = getattr(torch, dtype)
+    quantization = {
+        "none": None,
+        "int8": BitsAndBytesConfig(load_in_8bit=True),
+        "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype),
+    }[quant_type]
+    local = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, quantization_config=quantization, device_map="cpu").eval()
+    config, weights = load_model_config(directory, FAMILIES)
+    family = family_for(config)
+    config = family.prepare_config(config)
+    span = BlockSpan(0, family.num_blocks(config))
+    loaded = load_span(family, config, CheckpointIndex(weights), span, dtype, "cpu", quant_type=quant_type)
+    layers = local.get_submodule(family.layout(config).layers)
+    assert [type(module).__name__ for module in loaded.blocks[0].modules()] == [type(module).__name__ for module in layers[0].modules()]
+    outputs = []
+    layers[-1].register_forward_hook(lambda module, inputs, output: outputs.append(output[0] if isinstance(output, tuple) else output))
+    input_ids = random_ids(1, 9, seed=3)
+    with torch.inference_mode():
+        embedded = local(input_ids, output_hidden_states=True).hidden_states[0]
+        served = family.forward(loaded, span, {"hidden_states": embedded}, None, None)["hidden_states"]
+    torch.testing.assert_close(served, outputs[0], atol=0, rtol=0)
+
+
+def test_precision_rules_keep_in_float32_what_transformers_keeps():
+    """For a model class that keeps some tensors in float32 (`_keep_in_fp32_modules_strict`: DeepSeek-V3's router
+    in float16 and bfloat16), `PrecisionRules` picks the tensors transformers' own loading plan picks."""
+    from accelerate import init_empty_weights
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers.core_model_loading import build_glob_alternation
+
+    from swarm.quantization import PrecisionRules
+
+    config = DeepseekV3Config(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, vocab_size=100)  # fmt: skip
+    with init_empty_weights():
+        model = DeepseekV3ForCausalLM(config)
+    rules = PrecisionRules.of(model)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        plan = model._get_dtype_plan(dtype)
+        pattern = build_glob_alternation(list(plan))[0] if plan else None
+        expected = {name for name in model.state_dict() if pattern is not None and pattern.search(name)}
+        assert {name for name in model.state_dict() if rules.keeps_in_float32(name, dtype)} == expected
+        assert bool(expected) == (dtype != torch.float32)

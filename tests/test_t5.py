@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, EncoderDecoderCache, T5Config, T5ForConditionalGeneration
+from transformers import BitsAndBytesConfig, DynamicCache, EncoderDecoderCache, T5Config, T5ForConditionalGeneration
 
 from swarm import AutoDistributedModel
 from swarm.client.seq2seq_lm import DistributedModelForSeq2SeqLM
@@ -154,16 +154,25 @@ def test_hidden_states_match_local(t5_setup):
             torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
-def test_blocks_in_bfloat16_compute_what_the_model_in_bfloat16_does(tmp_path):
-    """A span of encoder blocks loaded in bfloat16 (its relative position bias in bfloat16 too, as in the whole
-    model loaded in bfloat16) gives the hidden states the local bfloat16 model gives after the same blocks."""
-    directory = make_tiny_t5(tmp_path / "tiny-t5", initializer_factor=1.0)
-    local = T5ForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16).eval()
-    family, loaded = load(directory, BlockSpan(0, 2), torch.bfloat16)
+@pytest.mark.parametrize(("dtype", "quant_type"), [("bfloat16", "none"), ("float16", "none"), ("float32", "int8"), ("float16", "int8"), ("bfloat16", "nf4")])
+def test_blocks_in_lower_precisions_compute_what_transformers_loads(tmp_path, dtype, quant_type):
+    """A span of encoder blocks loaded in half precision or quantized gives the hidden states the local model that
+    transformers loads so gives after the same blocks, to the bit: the relative position bias in the blocks' dtype,
+    the feed-forward output layer (`wo`) in float32 in float16 and never quantized, as T5's class asks."""
+    directory = make_tiny_t5(tmp_path / "tiny-t5", initializer_factor=1.0, d_model=64, d_kv=16, num_heads=4, d_ff=128)
+    dtype = getattr(torch, dtype)
+    quantization = {
+        "none": None,
+        "int8": BitsAndBytesConfig(load_in_8bit=True),
+        "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype),
+    }[quant_type]
+    local = T5ForConditionalGeneration.from_pretrained(directory, dtype=dtype, quantization_config=quantization, device_map="cpu").eval()
+    family, loaded = load(directory, BlockSpan(0, 2), dtype, quant_type=quant_type)
+    wo = loaded.blocks[0].layer[1].DenseReluDense.wo
+    assert type(wo) is torch.nn.Linear and wo.weight.dtype == (torch.float32 if dtype == torch.float16 else dtype)
     input_ids, attention_mask = encoder_batch()
     with torch.inference_mode():
         expected = local.encoder(input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[2]
         inputs = {"hidden_states": local.encoder.embed_tokens(input_ids), "attention_mask": attention_mask}
         served = family.forward(loaded, BlockSpan(0, 2), inputs, None, None)["hidden_states"]
-    assert served.dtype == torch.bfloat16
     torch.testing.assert_close(served, expected, atol=0, rtol=0)

@@ -1,13 +1,14 @@
 """Quantized blocks: a server may hold its blocks' linear layers in 8 bits (LLM.int8) or 4 bits (NF4).
 
-bitsandbytes does the quantization and the matrix products, on the CPU as on a GPU. Every `nn.Linear` inside a
-server's blocks (and every transformers `Conv1D`, GPT-2's linear layer) is replaced by its bitsandbytes
-counterpart (`Linear8bitLt`, `Linear4bit`) holding the quantized weights; everything else (norms, embeddings of
-positions, fused expert tensors) keeps the server's dtype. The settings are transformers' defaults
-(`BitsAndBytesConfig(load_in_8bit=True)`, `load_in_4bit=True` with `bnb_4bit_quant_type="nf4"`), so a block
-computes what the same layer of a model that transformers quantized computes. A server announces what it runs (`ServerRecord.dtype`,
-`ServerRecord.quant_type`), and a client may require a minimum precision (`ClientConfig.min_precision`): bits per
-weight, float32 > float16 = bfloat16 > int8 > nf4.
+bitsandbytes does the quantization and the matrix products, on the CPU as on a GPU. The linear layers inside a
+server's blocks are replaced by their bitsandbytes counterparts (`Linear8bitLt`, `Linear4bit`) holding the
+quantized weights; everything else (norms, embeddings of positions, fused expert tensors) keeps the server's
+dtype. The settings are transformers' defaults (`BitsAndBytesConfig(load_in_8bit=True)`, `load_in_4bit=True`
+with `bnb_4bit_quant_type="nf4"`), and so are the layers it picks (`PrecisionRules`: plain `nn.Linear` and
+`Conv1D` only, none its model class keeps in float32), so a block computes what the same layer of a model that
+transformers quantized computes. A diffusers model's blocks have every `nn.Linear` quantized, as diffusers does.
+A server announces what it runs (`ServerRecord.dtype`, `ServerRecord.quant_type`), and a client may require a
+minimum precision (`ClientConfig.min_precision`): bits per weight, float32 > float16 = bfloat16 > int8 > nf4.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+from transformers.quantizers.base import get_keys_to_not_convert
+from transformers.quantizers.quantizers_utils import should_convert_module
 
 from swarm.errors import ConfigurationError
 
@@ -35,9 +40,45 @@ def precision_of(dtype: str, quant_type: str) -> str:
     return dtype if quant_type == "none" else quant_type
 
 
-def quantize_linears(module: nn.Module, quant_type: str, dtype: torch.dtype, device) -> int:
-    """Replaces every `nn.Linear` and `Conv1D` inside `module` (on `device`, in `dtype`) by its bitsandbytes
-    counterpart with quantized weights, computing in `dtype`; returns how many it replaced."""
+@dataclass(frozen=True)
+class PrecisionRules:
+    """How transformers holds a model's modules when it loads the model in a lower precision, as patterns of
+    module paths in the model (its class's `_keep_in_fp32_modules` and `_keep_in_fp32_modules_strict`, "wo" in
+    T5). `BitsAndBytesConfig` quantizes the layers whose class is exactly `nn.Linear` (or `Conv1D`) except those
+    `unquantized` matches; loading in float16 keeps what `float32` or `float32_strict` matches in float32, and
+    loading in bfloat16 what `float32_strict` matches."""
+
+    unquantized: tuple[str, ...] = ()
+    float32: tuple[str, ...] = ()
+    float32_strict: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "PrecisionRules":
+        """The rules of a transformers model (built on the meta device will do)."""
+        float32 = tuple(sorted(getattr(model, "_keep_in_fp32_modules", None) or ()))
+        # with no skip list of its own, BitsAndBytesConfig also leaves out tied, output and last layers
+        unquantized = tuple(sorted({*get_keys_to_not_convert(model), *float32}))
+        return cls(unquantized, float32, tuple(sorted(getattr(model, "_keep_in_fp32_modules_strict", None) or ())))
+
+    def quantizes(self, path: str, module: nn.Module) -> bool:
+        """Whether the module at `path` in the model is a layer transformers would quantize."""
+        linear = type(module) is nn.Linear or isinstance(module, Conv1D)
+        return linear and should_convert_module(path, list(self.unquantized))
+
+    def keeps_in_float32(self, name: str, dtype: torch.dtype) -> bool:
+        """Whether transformers loads tensor `name` of the model (its state-dict name) in float32 when it loads the
+        model in `dtype`."""
+        patterns = self.float32 if dtype == torch.float16 else ()
+        patterns += self.float32_strict if dtype in (torch.float16, torch.bfloat16) else ()
+        return any(re.search(pattern.replace("*", ".*"), name) for pattern in patterns)
+
+
+def quantize_linears(
+    module: nn.Module, quant_type: str, dtype: torch.dtype, device, rules: PrecisionRules | None = None, path: str = ""
+) -> int:
+    """Replaces the linear layers inside `module` (on `device`, in `dtype`) by their bitsandbytes counterparts with
+    quantized weights, computing in `dtype`; returns how many it replaced. With `rules` (`module` being at `path`
+    in its model), those transformers would quantize; without, every `nn.Linear` and `Conv1D`."""
     if quant_type == "none":
         return 0
     if quant_type not in QUANT_TYPES:
@@ -46,7 +87,7 @@ def quantize_linears(module: nn.Module, quant_type: str, dtype: torch.dtype, dev
         import bitsandbytes as bnb
     except ImportError:
         raise ConfigurationError(f"--quant-type {quant_type} needs bitsandbytes: pip install 'swarm[quantization]'") from None
-    replaced = _replace_linears(bnb, module, quant_type, dtype, device)
+    replaced = _replace_linears(bnb, module, quant_type, dtype, device, rules, f"{path}." if path else "")
     _own_unquantized_tensors(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
     return replaced
 
@@ -64,15 +105,15 @@ def return_freed_memory():
     trim(0)
 
 
-def _replace_linears(bnb, module: nn.Module, quant_type: str, dtype: torch.dtype, device) -> int:
+def _replace_linears(bnb, module: nn.Module, quant_type: str, dtype: torch.dtype, device, rules, prefix: str) -> int:
     replaced = 0
     for name, child in list(module.named_children()):
-        if (parts := _linear_parts(child)) is not None:
+        if (parts := _linear_parts(child)) is None:
+            replaced += _replace_linears(bnb, child, quant_type, dtype, device, rules, f"{prefix}{name}.")
+        elif rules is None or rules.quantizes(prefix + name, child):
             # in the mode of the layer it replaces: bitsandbytes computes otherwise in training mode
             setattr(module, name, _quantized(bnb, *parts, quant_type, dtype, device).train(child.training))
             replaced += 1
-        else:
-            replaced += _replace_linears(bnb, child, quant_type, dtype, device)
     return replaced
 
 

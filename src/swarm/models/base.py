@@ -20,6 +20,7 @@ their own code says, and only the tensors no block holds are loaded (`client_ten
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -30,8 +31,10 @@ from torch import nn
 from swarm.checkpoint import CheckpointIndex
 from swarm.errors import ConfigurationError
 from swarm.models.state import SequenceState
-from swarm.quantization import quantize_linears, return_freed_memory
+from swarm.quantization import PrecisionRules, quantize_linears, return_freed_memory
 from swarm.spans import BlockSpan
+
+logger = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
 # Reply tensors named so hold block i's output, asked for by a request's `output_layers` (int64 block indices)
@@ -115,6 +118,16 @@ class ModelFamily(ABC):
     @abstractmethod
     def build_blocks(self, config, span: BlockSpan) -> list[nn.Module]:
         """Builds blocks `span` (called on the meta device: their weights are loaded afterwards)."""
+
+    def precision_rules(self, config) -> PrecisionRules | None:
+        """How transformers holds the model's modules in lower precisions (which layers it quantizes, what it keeps
+        in float32), for blocks cut from a transformers model; None: every linear layer is quantized, and every
+        tensor takes the server's dtype."""
+        return None
+
+    def block_path(self, config, index: int) -> str:
+        """Where block `index` is in the model `precision_rules` describes ("model.layers.3", "encoder.block.0")."""
+        raise NotImplementedError(f"{type(self).__name__} has precision rules but no block paths")
 
     def build_helpers(self, config, device: torch.device, checkpoint: CheckpointIndex, span: BlockSpan) -> dict[str, nn.Module]:
         """Small modules a server needs besides its blocks (rotary embeddings, position biases, ...)."""
@@ -207,6 +220,7 @@ def load_span(
 
     with init_empty_weights():
         blocks = family.build_blocks(config, span)
+    rules, quantized = family.precision_rules(config), 0
     for index, block in zip(span, blocks):
         names = family.block_tensor_names(config, index, checkpoint.file_of)
         stored = checkpoint.load(list(names))
@@ -216,10 +230,15 @@ def load_span(
         except RuntimeError as error:
             raise ConfigurationError(f"block {index} does not match its checkpoint tensors: {error}") from None
         block.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        quantize_linears(block, quant_type, dtype, device)
+        path = family.block_path(config, index) if rules is not None else ""
+        if rules is not None:
+            _keep_in_float32(block, tensors, rules, path, dtype, device)
+        quantized += quantize_linears(block, quant_type, dtype, device, rules, path)
         if progress is not None:
             progress.update(1)
     if quant_type != "none":
+        if not quantized:
+            logger.warning(f"--quant-type {quant_type} leaves blocks {span} as they are: transformers quantizes none of their layers")
         return_freed_memory()
     helpers = family.build_helpers(config, device, checkpoint, span)
     for parameter in (parameter for helper in helpers.values() for parameter in helper.parameters()):
@@ -228,3 +247,14 @@ def load_span(
     loaded = LoadedSpan(config, span, nn.ModuleList(blocks), dtype, torch.device(device), helpers, quant_type=quant_type)
     loaded.fast_path = quant_type == "none" and family.check_fast_path(loaded)  # fast paths read plain weights
     return loaded
+
+
+def _keep_in_float32(block: nn.Module, tensors: Tensors, rules: PrecisionRules, path: str, dtype: torch.dtype, device):
+    """Puts back in float32, from its checkpoint tensor, each tensor of `block` (at `path` in its model) that
+    transformers keeps in float32 when it loads the model in `dtype`."""
+    for name, tensor in tensors.items():
+        if rules.keeps_in_float32(f"{path}.{name}", dtype):
+            owner, _, leaf = name.rpartition(".")
+            holder = block.get_submodule(owner)
+            held = holder._parameters[leaf] if leaf in holder._parameters else holder._buffers[leaf]
+            held.data = tensor.to(device=device, dtype=torch.float32)

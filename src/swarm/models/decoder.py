@@ -46,6 +46,7 @@ from swarm.models.checks import (
 from swarm.models.layout import DecoderLayout, build_model, read_layout
 from swarm.models.stacking import StackedRows, unstack_layer
 from swarm.models.state import SequenceState
+from swarm.quantization import PrecisionRules
 from swarm.spans import BlockSpan
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,12 @@ class DecoderFamily(ModelFamily):
 
     def convert_block_tensors(self, config, tensors: Tensors) -> Tensors:
         return self.convert_tensors(tensors) if self.convert_tensors is not None else tensors
+
+    def precision_rules(self, config) -> PrecisionRules:
+        return self.layout(config).precision
+
+    def block_path(self, config, index: int) -> str:
+        return f"{self.layout(config).layers}.{index}"
 
     def build_blocks(self, config, span: BlockSpan) -> list[nn.Module]:
         layers = build_model(config).get_submodule(self.layout(config).layers)

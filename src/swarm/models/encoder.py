@@ -30,6 +30,7 @@ from swarm.models.checks import check_hidden_states, check_mask, check_names, ch
 from swarm.models.encoder_layout import EncoderLayout, ReadsOutputs, build_model, read_encoder_layout
 from swarm.models.layout import tensors_under
 from swarm.models.state import SequenceState
+from swarm.quantization import PrecisionRules
 from swarm.spans import BlockSpan
 
 
@@ -55,6 +56,12 @@ class EncoderFamily(ModelFamily):
     def block_tensor_names(self, config, index: int, checkpoint_names) -> dict[str, str]:
         layout = self.layout(config)
         return tensors_under(config.model_type, f"{layout.layers}.{index}.", checkpoint_names, layout.rename, layout.converted)
+
+    def precision_rules(self, config) -> PrecisionRules:
+        return self.layout(config).precision
+
+    def block_path(self, config, index: int) -> str:
+        return f"{self.layout(config).layers}.{index}"
 
     def build_blocks(self, config, span: BlockSpan) -> list[nn.Module]:
         layers = build_model(config).get_submodule(self.layout(config).layers)

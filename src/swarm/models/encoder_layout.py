@@ -22,6 +22,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from swarm.errors import UnsupportedModelError
 from swarm.models.layout import converted_patterns, loading_renamer
+from swarm.quantization import PrecisionRules
 
 # what a layer may take: the hidden states and the mask, and what an encoder's forward leaves at its default
 KNOWN_ARGUMENTS = {"hidden_states", "attention_mask"}
@@ -55,6 +56,7 @@ class EncoderLayout:
     reads_outputs: tuple[int, ...] | None  # the layers whose outputs the model's own code reads; None: any
     rename: Callable[[str], str]  # checkpoint tensor name -> the model's own, by transformers' loading rules
     converted: tuple[str, ...]  # checkpoint names that transformers rewrites while loading (swarm does not)
+    precision: PrecisionRules  # how transformers holds its modules in lower precisions
 
 
 def checkpoint_class(config) -> type | None:
@@ -164,4 +166,5 @@ def read_encoder_layout(config, reads_outputs: ReadsOutputs | None = None) -> En
         reads_outputs=tuple(read) if read is not None else None,
         rename=loading_renamer(model),
         converted=converted_patterns(model),
+        precision=PrecisionRules.of(model),
     )

@@ -24,6 +24,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
 from swarm.errors import UnsupportedModelError
+from swarm.quantization import PrecisionRules
 
 ATTENTION_TYPES = ("full_attention", "sliding_attention")  # the layer types a server makes masks for
 CACHE_KEYWORDS = ("cache", "layer_past", "past_key_values")  # what layers of different ages call their cache
@@ -42,6 +43,7 @@ class DecoderLayout:
     parameters: frozenset[str]  # what a layer's forward takes
     cache_keyword: str  # the name it takes its cache by
     rename: Callable[[str], str]  # checkpoint tensor name -> the model's own, by transformers' loading rules
+    precision: PrecisionRules  # how transformers holds its modules in lower precisions
 
 
 def read_layout(config, computes_alibi: bool, converts_checkpoints: bool) -> DecoderLayout:
@@ -89,6 +91,7 @@ def read_layout(config, computes_alibi: bool, converts_checkpoints: bool) -> Dec
         parameters=parameters,
         cache_keyword=cache_keyword,
         rename=checkpoint_renamer(model, [rule for rule in conversions if isinstance(rule, WeightRenaming)]),
+        precision=PrecisionRules.of(model),
     )
 
 

@@ -27,6 +27,7 @@ from swarm.models.base import ClientStack, LoadedSpan
 from swarm.models.encoder_decoder import DECODER, ENCODER, KEPT, DecoderStep, EncoderDecoderFamily, Keep
 from swarm.models.encoder_layout import build_model
 from swarm.models.layout import converted_patterns, loading_renamer, tensors_under
+from swarm.quantization import PrecisionRules
 from swarm.spans import BlockSpan
 
 
@@ -49,6 +50,7 @@ class Seq2SeqLayout:
     returns: int  # what a layer returns: 0, the hidden states; n, a tuple of n
     rename: Callable[[str], str]  # checkpoint tensor name -> the model's own, by transformers' loading rules
     converted: tuple[str, ...]  # checkpoint names that transformers rewrites while loading (swarm does not)
+    precision: PrecisionRules  # how transformers holds its modules in lower precisions
     stacks: dict[str, str] = field(default_factory=dict)  # "encoder"/"decoder" -> its list of layers
 
     def owner(self, stack: str) -> str:
@@ -91,6 +93,7 @@ def read_seq2seq_layout(config) -> Seq2SeqLayout:
         returns=returns.pop(),
         rename=loading_renamer(model),
         converted=converted_patterns(model),
+        precision=PrecisionRules.of(model),
         stacks={ENCODER: encoder, DECODER: decoder},
     )
 
@@ -148,6 +151,13 @@ class Seq2SeqFamily(EncoderDecoderFamily):
         stack, position = self.stack_of(config, index)
         prefix = f"{layout.stacks[stack]}.{position}."
         return tensors_under(config.model_type, prefix, checkpoint_names, layout.rename, layout.converted)
+
+    def precision_rules(self, config) -> PrecisionRules:
+        return self.layout(config).precision
+
+    def block_path(self, config, index: int) -> str:
+        stack, position = self.stack_of(config, index)
+        return f"{self.layout(config).stacks[stack]}.{position}"
 
     def build_blocks(self, config, span: BlockSpan) -> list[nn.Module]:
         model, layout = build_model(config), self.layout(config)

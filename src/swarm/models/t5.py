@@ -20,6 +20,7 @@ from transformers.models.t5.modeling_t5 import T5Attention, T5Block
 
 from swarm.models.base import ClientStack, LoadedSpan
 from swarm.models.encoder_decoder import DECODER, ENCODER, KEPT, DecoderStep, EncoderDecoderFamily, Keep
+from swarm.quantization import PrecisionRules
 from swarm.spans import BlockSpan
 
 RELATIVE_BIAS = "{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"  # every server of a stack needs it
@@ -51,6 +52,16 @@ class T5Family(EncoderDecoderFamily):
         stack, position = self.stack_of(config, index)
         prefix = f"{stack}.block.{position}."
         return {name: name[len(prefix) :] for name in checkpoint_names if name.startswith(prefix)}
+
+    def precision_rules(self, config) -> PrecisionRules:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            return PrecisionRules.of(T5ForConditionalGeneration(config))
+
+    def block_path(self, config, index: int) -> str:
+        stack, position = self.stack_of(config, index)
+        return f"{stack}.block.{position}"
 
     def build_blocks(self, config, span: BlockSpan) -> list[nn.Module]:
         blocks = []
