@@ -22,11 +22,11 @@ PROMPT = torch.tensor([[1, 17, 42, 99, 5, 61, 23, 7]])
 
 @pytest.fixture(scope="module")
 def swarm(tiny_llama, tmp_path_factory):
-    """int8 0:3, float32 3:5, nf4 0:5 and float32 0:3, in that order."""
+    """int8 0:3, float32 3:5 (both waiting up to 100 ms to batch steps), nf4 0:5 and float32 0:3, in that order."""
     with LocalSwarm(tiny_llama, [], log_dir=tmp_path_factory.mktemp("logs")) as swarm:
         launched = [
-            swarm.launch_server("0:3", "--quant-type", "int8"),
-            swarm.launch_server("3:5"),
+            swarm.launch_server("0:3", "--quant-type", "int8", "--batch-wait-ms", "100"),
+            swarm.launch_server("3:5", "--batch-wait-ms", "100"),
             swarm.launch_server("0:5", "--quant-type", "nf4"),
             swarm.launch_server("0:3", "--torch-dtype", "float32"),
         ]
@@ -84,6 +84,27 @@ def test_a_mixed_swarm_matches_a_local_model_quantized_the_same_way(tiny_llama, 
         assert difference > 1e-4, "int8 weights that give float32's logits were not quantized"
     finally:
         model.remote.shutdown()
+
+
+def test_an_int8_server_runs_concurrent_sessions_steps_alone(tiny_llama, swarm):
+    """LLM.int8 computes a batch's rows together (an outlier in one row changes how the others are multiplied),
+    so the int8 server runs each session's steps alone, and each concurrent generation is the local int8 model's;
+    the float32 server after it batches the same sessions' steps."""
+    from tests.test_batching import generate_concurrently, server_info
+
+    model = connect(tiny_llama, swarm, pinned_peers={peer_id(swarm.servers[0])}, min_precision="int8")
+    before = [server_info(server.address) for server in swarm.servers[:2]]
+    jobs = {f"prompt {length}": (PROMPT[:, :length], {"max_new_tokens": 12, "do_sample": False}) for length in (3, 5, 8)}
+    try:
+        assert route_of(model, PROMPT) == [("0:3", "int8"), ("3:5", "none")]
+        outputs = generate_concurrently(model, jobs)
+    finally:
+        model.remote.shutdown()
+    local = local_model(tiny_llama, {range(0, 3): "int8"})
+    for name, (input_ids, kwargs) in jobs.items():
+        assert_same_generation(outputs[name], local.generate(input_ids, output_logits=True, return_dict_in_generate=True, **kwargs))
+    int8, float32 = (server_info(server.address)["batches"] - info["batches"] for server, info in zip(swarm.servers, before))
+    assert int8 == 0 and float32 > 0, (int8, float32)
 
 
 def test_an_nf4_server_matches_a_local_model_in_nf4(tiny_llama, swarm):

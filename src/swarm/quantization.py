@@ -40,6 +40,14 @@ def precision_of(dtype: str, quant_type: str) -> str:
     return dtype if quant_type == "none" else quant_type
 
 
+def rows_independent(quant_type: str) -> bool:
+    """Whether layers quantized so compute each row of a batch as they would compute it alone. LLM.int8 does not:
+    it multiplies in the compute dtype every input feature that passes its outlier threshold in any row of the
+    batch, so in a batch one session's outliers would change the others' results (by up to 0.3 in a tiny Llama's
+    hidden states)."""
+    return quant_type != "int8"
+
+
 @dataclass(frozen=True)
 class PrecisionRules:
     """How transformers holds a model's modules when it loads the model in a lower precision, as patterns of

@@ -35,6 +35,7 @@ import torch
 from swarm.errors import BadRequestError, RemoteError, ServerBusyError, ServerUnavailableError
 from swarm.models.base import LoadedSpan, ModelFamily, Tensors
 from swarm.models.checks import require
+from swarm.quantization import rows_independent
 from swarm.server.batching import ComputeThread
 from swarm.server.push import MAX_AWAIT_TIMEOUT, PushLinks, PushTarget
 from swarm.server.sessions import Session, SessionManager
@@ -169,8 +170,9 @@ class RequestHandler:
     def _submit_step(self, call: StepCall, tensors: Tensors) -> Future:
         """Hands a step to the compute thread: in a batch with other sessions' steps if its family can batch it."""
         run_alone = functools.partial(self._run_step, call, tensors)
+        batchable = call.phases == [None] and rows_independent(self.loaded.quant_type)
         try:
-            key = self.family.batch_key(self.loaded, call.session.span, tensors, call.session.state, None) if call.phases == [None] else None
+            key = self.family.batch_key(self.loaded, call.session.span, tensors, call.session.state, None) if batchable else None
         except Exception:  # inputs that are not what the family takes: the step runs alone, which says what is wrong
             key = None
         if key is None:

@@ -21,6 +21,7 @@ from swarm.identity import Identity
 from swarm.models import FAMILIES, family_for
 from swarm.models.base import LoadedSpan, load_span
 from swarm.network import load_swarm_key, start_dht
+from swarm.quantization import rows_independent
 from swarm.records import ServerRecord, ServerState, announce, fetch_records, reachable_host
 from swarm.server.batching import ComputeThread
 from swarm.server.block_selection import block_capacities, blocks_that_fit, choose_span, should_move
@@ -184,6 +185,8 @@ class Server:
         seconds = self.compute.submit(seconds_per_block, self.family, loaded, self.model_name).result()
         self.throughput = 1.0 / (seconds * len(span))
         sessions = SessionManager(idle_timeout=self.config.session_timeout)
+        if self.config.batch_wait_ms > 0 and not rows_independent(loaded.quant_type):
+            logger.info(f"Steps of {loaded.quant_type} blocks run each alone: LLM.int8 computes a batch's rows together")
         self.handler = RequestHandler(
             self.family, loaded, sessions, self.model_name, __version__, self._request_limits(), self.compute, self.push_links
         )
