@@ -4,7 +4,9 @@
 
 In one process, with no network: a server's blocks loaded as a server loads them (`load_span`), sessions opened
 and prefilled as clients would, then one decode step of every session, run alone (`ModelFamily.forward`, session
-after session) and as one batch (`forward_batch`), each on its own copy of the sessions; medians of `--repeats`.
+after session) and as one batch (`forward_batch`), each on its own copy of the sessions, then the next step of the
+same sessions as a batch again (which finds encoder-decoder sessions' cross-attention caches ready to share);
+medians of `--repeats`.
 Models: SmolLM2-135M's 30 blocks (sessions of 32 to 39 positions), a random T5 shaped as t5-small (its 6 decoder
 blocks, over encoder outputs of 40 and of 400 positions) and Whisper tiny.en's 4 decoder blocks (over its 1500
 encoder positions). The last column says whether a server batches such steps (`batch_key`).
@@ -63,9 +65,10 @@ def open_sessions(family, loaded, count: int, source: int | None, generator) -> 
     return states
 
 
-def measure(family, loaded, states: list, repeats: int, generator) -> tuple[float, float, bool]:
-    """Median seconds of one step of every session run alone and as one batch, and whether they would batch."""
-    alone, together = [], []
+def measure(family, loaded, states: list, repeats: int, generator) -> tuple[float, float, float, bool]:
+    """Median seconds of one step of every session run alone, as one batch, and as the next batch of the same
+    sessions (whose caches the first one may leave ready to batch), and whether they would batch."""
+    alone, together, again = [], [], []
     for _ in range(repeats):
         steps = [{"hidden_states": torch.randn(1, 1, hidden_width(family, loaded), generator=generator)} for _ in states]
         copies = [copy.deepcopy(state) for state in states]
@@ -75,11 +78,12 @@ def measure(family, loaded, states: list, repeats: int, generator) -> tuple[floa
                 family.forward(loaded, loaded.span, inputs, state, None)
             alone.append(time.perf_counter() - started)
             copies = [copy.deepcopy(state) for state in states]
-            started = time.perf_counter()
-            family.forward_batch(loaded, loaded.span, list(zip(steps, copies)))
-            together.append(time.perf_counter() - started)
+            for times in (together, again):
+                started = time.perf_counter()
+                family.forward_batch(loaded, loaded.span, list(zip(steps, copies)))
+                times.append(time.perf_counter() - started)
     batches = family.batch_key(loaded, loaded.span, steps[0], states[0], None) is not None
-    return statistics.median(alone), statistics.median(together), batches
+    return statistics.median(alone), statistics.median(together), statistics.median(again), batches
 
 
 def main():
@@ -95,15 +99,17 @@ def main():
                   ("T5 (t5-small shape)", Path(scratch) / "t5-small-shaped", [40, 400]),
                   ("Whisper tiny.en", whisper_tiny_en_checkpoint(), [1500])]  # fmt: skip
         print(f"{machine_line()}; one decode step of every session, median of {args.repeats}\n")
-        rows = [["model", "encoder positions", "sessions", "alone ms", "batched ms", "speedup", "server batches"]]
+        rows = [["model", "encoder positions", "sessions", "alone ms", "batched ms", "speedup", "next batch ms", "speedup",
+                 "server batches"]]  # fmt: skip
         for name, directory, sources in models:
             family, loaded = load_decoder(directory)
             for source in sources:
                 for count in args.sessions:
                     states = open_sessions(family, loaded, count, source, generator)
-                    alone, together, batches = measure(family, loaded, states, args.repeats, generator)
+                    alone, together, again, batches = measure(family, loaded, states, args.repeats, generator)
                     rows.append([name, "-" if source is None else str(source), str(count), f"{alone * 1e3:.1f}",
-                                 f"{together * 1e3:.1f}", f"{alone / together:.2f}x", "yes" if batches else "no"])  # fmt: skip
+                                 f"{together * 1e3:.1f}", f"{alone / together:.2f}x", f"{again * 1e3:.1f}",
+                                 f"{alone / again:.2f}x", "yes" if batches else "no"])  # fmt: skip
                     print(format_table(rows), end="\n\n", flush=True)
 
 

@@ -324,15 +324,17 @@ def opened(family, loaded, span, generator, batch: int, tokens: int, source: int
 def test_encoder_decoder_sessions_batch_exactly_once_their_first_steps_ran(decoder_span):
     """Decoder sessions of different lengths over encoder outputs of different lengths (one session left-padded,
     with a masked encoder output and beams) batch like alone; so do sessions of equal lengths, without masks. A
-    first step, which brings the encoder output, runs alone, and so does a step over an encoder output whose
-    cross-attention keys and values are too large to copy for a batch."""
+    first step, which brings the encoder output, runs alone; steps over encoder outputs whose cross-attention keys
+    and values are too large to copy for every batch batch only over outputs of their own length."""
     family, loaded, span = decoder_span
     generator, width = torch.Generator().manual_seed(5), family.width(loaded.config)
     fresh = family.new_session_state(loaded, span, max_length=64)
     first = {"hidden_states": torch.randn(1, 2, width), "encoder_hidden_states": torch.randn(1, 5, width)}
     assert family.batch_key(loaded, span, first, fresh, None) is None
-    long_source = opened(family, loaded, span, generator, 1, 2, 600)  # its cross-attention outweighs a block
-    assert family.batch_key(loaded, span, step_inputs(loaded, generator, 1), long_source, None) is None
+    longer = [opened(family, loaded, span, generator, 1, 2, source) for source in (600, 600, 601)]  # outweigh a block
+    longer = [(step_inputs(loaded, generator, 1), state) for state in longer]
+    assert [family.batch_key(loaded, span, inputs, state, None) for inputs, state in longer] == [(span, 1, 600), (span, 1, 600), (span, 1, 601)]
+    assert_batch_matches_alone(family, loaded, longer[:2], span=span)
     masks = dict(attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]), encoder_attention_mask=torch.tensor([[1] * 4 + [0] * 3, [1] * 7]))
     states = [opened(family, loaded, span, generator, 1, 6, 4), opened(family, loaded, span, generator, 2, 3, 7, **masks),
               opened(family, loaded, span, generator, 1, 1, 9)]  # fmt: skip
@@ -343,6 +345,49 @@ def test_encoder_decoder_sessions_batch_exactly_once_their_first_steps_ran(decod
     assert_batch_matches_alone(family, loaded, steps, steps_after=2, span=span)
     steps = [(step_inputs(loaded, generator, 1, tokens=2), opened(family, loaded, span, generator, 1, 3, 5)) for _ in range(2)]
     assert_batch_matches_alone(family, loaded, steps, span=span)
+
+
+def test_encoder_decoder_sessions_that_batched_share_their_cross_attention_caches(decoder_span):
+    """A batch over encoder outputs of one length leaves its sessions' cross-attention keys and values as views of
+    its own: the next batch of the same sessions takes them without a copy; one whose beams reorder a session, or
+    of other sessions, copies them anew; one over outputs of different lengths (padded) leaves each session its
+    own, and so does a step alone. Every batch computes what its steps compute alone."""
+    family, loaded, span = decoder_span
+    generator = torch.Generator().manual_seed(6)
+    states = [opened(family, loaded, span, generator, batch, tokens, source) for batch, tokens, source in [(1, 3, 7), (2, 2, 7), (1, 5, 7), (1, 4, 9)]]
+    layers = [family.stack_of(loaded.config, index)[1] for index in span]
+
+    def memories(*members) -> list:
+        """The memory of the cross-attention keys of sessions `members`, in every block."""
+        return [states[index].cache.cross_attention_cache.layers[layer].keys.untyped_storage() for index in members for layer in layers]
+
+    def run(members, hypo_ids=None):
+        """A batch of sessions `members`, in that order, the second one's beams reordered by `hypo_ids`."""
+        steps = [(step_inputs(loaded, generator, states[index].batch_size), states[index]) for index in members]
+        if hypo_ids is not None:
+            steps[1][0]["hypo_ids"] = hypo_ids
+        assert_batch_matches_alone(family, loaded, steps, steps_after=0, span=span)  # a step alone would own its caches
+
+    run([0, 1, 2])
+    first = memories(0, 1, 2)  # held, so that no other tensor takes their addresses
+    assert len({memory.data_ptr() for memory in first}) == len(layers)  # one per block, for all sessions
+    run([0, 1, 2])
+    assert [memory.data_ptr() for memory in memories(0, 1, 2)] == [memory.data_ptr() for memory in first]  # as they were
+    run([0, 1, 2], hypo_ids=torch.tensor([1, 0]))
+    second = memories(0, 1, 2)
+    assert not {memory.data_ptr() for memory in second} & {memory.data_ptr() for memory in first}  # gathered anew
+    run([1, 0, 2])
+    assert not {memory.data_ptr() for memory in memories(0, 1, 2)} & {memory.data_ptr() for memory in second}  # stacked anew
+    run([2, 0])
+    run([2, 0])
+    run([3, 0])
+    assert len({memory.data_ptr() for memory in memories(3, 0)}) == 2 * len(layers)
+    shared, inputs, copied = memories(2), step_inputs(loaded, generator, 1), copy.deepcopy(states[2])  # with 0's rows
+    with torch.inference_mode():
+        torch.testing.assert_close(family.forward(loaded, span, inputs, states[2], None)["hidden_states"],
+                                   family.forward(loaded, span, inputs, copied, None)["hidden_states"], atol=0, rtol=0)  # fmt: skip
+    own = [states[2].cache.cross_attention_cache.layers[layer].keys for layer in layers]
+    assert all(memory.nbytes() > keys.nbytes == keys.untyped_storage().nbytes() for memory, keys in zip(shared, own))
 
 
 @pytest.fixture(scope="module")

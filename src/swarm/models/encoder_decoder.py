@@ -16,6 +16,7 @@ A family says how many blocks each stack has and how a run of its blocks is call
 
 from __future__ import annotations
 
+import itertools
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,10 +35,12 @@ ENCODER, DECODER = "encoder", "decoder"
 KEPT = ("encoder_hidden_states", "encoder_attention_mask")  # what a decoder session keeps from its first step
 
 # A batch copies each row's cross-attention keys and values into one tensor per block, and reads each block's
-# weights once for all its rows instead of once per session: it pays while a row's keys and values times this
-# stay under a block's weights. Measured on 2 cores, 2/4/8 sessions batched against alone: a t5-small-shaped
-# decoder over 40 encoder positions 1.4/2.0/2.9x as fast (0.04 of the bound), over 400 1.0/1.3/1.55x (0.39);
-# Whisper tiny.en's over 1500 positions (1.95 times it) 0.74/0.86/1.02x.
+# weights once for all its rows instead of once per session: a batch that copies pays while a row's keys and values
+# times this stay under a block's weights. Measured on 2 cores, 2/4/8 sessions batched against alone: a
+# t5-small-shaped decoder over 40 encoder positions 1.4/2.0/2.9x as fast (0.04 of the bound), over 400
+# 1.0/1.3/1.55x (0.39); Whisper tiny.en's over 1500 positions (1.95 times it) 0.74/0.86/1.02x. Sessions over encoder
+# outputs of one length share their stacked keys and values once they have batched, and their next batches copy
+# nothing (Whisper tiny.en: 1.24/1.67/2.29x); sessions past the bound batch only with such sessions.
 CROSS_COPY_FACTOR = 4
 
 Keep = Callable[[int, torch.Tensor], None]  # keep(block index, its output): records what the request asked for
@@ -147,7 +150,9 @@ class EncoderDecoderFamily(ModelFamily):
 
     def batch_key(self, loaded: LoadedSpan, sub_span: BlockSpan, inputs: Tensors, state, phase):
         """Decoder steps of one span and one number of new tokens batch once their sessions' cross-attention caches
-        hold the encoder's keys and values; a session's first step, which computes them, runs alone."""
+        hold the encoder's keys and values; a session's first step, which computes them, runs alone. Sessions whose
+        keys and values are large beside a block's weights (`CROSS_COPY_FACTOR`) batch only over encoder outputs of
+        their own length."""
         if self.stack_of(loaded.config, sub_span.start)[0] != DECODER or "encoder_hidden_states" in inputs:
             return None
         cache, positions = state.cache, self._positions(loaded.config, sub_span)
@@ -160,13 +165,15 @@ class EncoderDecoderFamily(ModelFamily):
         block = loaded.blocks_of(BlockSpan(sub_span.start, sub_span.start + 1))[0]
         weights = sum(parameter.numel() for parameter in block.parameters())
         if CROSS_COPY_FACTOR * (cross.keys[0].numel() + cross.values[0].numel()) > weights:
-            return None  # a long encoder output: stacking its keys and values would cost more than batching saves
+            return sub_span, inputs["hidden_states"].shape[1], cross.keys.shape[-2]  # batches that share, not copy
         return sub_span, inputs["hidden_states"].shape[1]
 
     def forward_batch(self, loaded: LoadedSpan, sub_span: BlockSpan, steps: list[tuple[Tensors, SequenceState]]) -> list[Tensors]:
         """Stacks the sessions' rows, their self-attention caches aligned on their last position and their
         cross-attention caches on their first, each padded with masked zeros (`swarm.models.stacking`). The encoder
-        outputs are not stacked: every block takes its cross-attention keys and values from the caches."""
+        outputs are not stacked: every block takes its cross-attention keys and values from the caches, which
+        sessions over encoder outputs of one length then share (`_share_cross_layer`), so that their next batch
+        together copies none."""
         device, stacked = loaded.device, StackedRows.of(steps, loaded.device)
         hidden = torch.cat([inputs["hidden_states"].to(device) for inputs, _ in steps])
         positions = self._positions(loaded.config, sub_span)
@@ -186,13 +193,16 @@ class EncoderDecoderFamily(ModelFamily):
         step = DecoderStep(kept, stacked.mask(device), stacked.past, EncoderDecoderCache(self_cache, cross_cache))
         outputs = {}  # every block's output, by its index
         hidden = self.run_decoder(loaded, sub_span, hidden, step, outputs.__setitem__)
-        results = []
+        results, share = [], len(set(sources)) == 1  # not padded ones, whose padding the sessions would keep
         for (inputs, state), own_rows, order, own_mask in zip(steps, stacked.slices(), stacked.orders, stacked.masks):
             for position in positions:
                 own = state.cache.self_attention_cache.layers[position]
                 unstack_layer(self_cache.layers[position], own, own_rows, state.length, stacked.tokens, stacked.past)
+                if share:
+                    _share_cross_layer(state.cache.cross_attention_cache.layers[position], cross_cache.layers[position], own_rows)
             if order is not None:
-                state.cache.cross_attention_cache.reorder_cache(order)
+                if not share:
+                    state.cache.cross_attention_cache.reorder_cache(order)
                 state.kept = {name: tensor[order.to(tensor.device)] for name, tensor in state.kept.items()}
             state.advance(own_mask, own_rows.stop - own_rows.start, stacked.tokens)
             wanted = inputs["output_layers"].tolist() if "output_layers" in inputs else []
@@ -214,6 +224,7 @@ def begin_decoder_step(loaded: LoadedSpan, inputs: Tensors, state: SequenceState
         return DecoderStep({name: tensor.to(loaded.device) for name, tensor in kept.items()}, to_device(mask, loaded), 0, None)
     if (hypo_ids := inputs.get("hypo_ids")) is not None:
         state.reorder(hypo_ids.to(loaded.device))
+    _own_cross_layers(state.cache)
     if "encoder_hidden_states" in kept:
         state.kept = {name: tensor.to(loaded.device) for name, tensor in kept.items()}
     mask = state.mask_with(mask, batch, tokens)
@@ -227,20 +238,63 @@ def to_device(mask: torch.Tensor | None, like) -> torch.Tensor | None:
 
 def _stack_cross_layers(merged: DynamicLayer, layers: list[DynamicLayer], orders: list):
     """Fills `merged` with the cross-attention keys and values of `layers` (one per session, each reordered by its
-    beam order or None), stacked by rows and right-padded with zeros to the longest encoder output."""
-    reference, rows = layers[0], [layer.keys.shape[0] for layer in layers]
-    source = max(layer.keys.shape[-2] for layer in layers)
-    keys = reference.keys.new_zeros(sum(rows), reference.keys.shape[1], source, reference.keys.shape[3])
-    values = reference.values.new_zeros(sum(rows), reference.values.shape[1], source, reference.values.shape[3])
-    start = 0
-    for layer, batch, order in zip(layers, rows, orders):
-        own = slice(start, start + batch)
-        length = layer.keys.shape[-2]
-        keys[own, :, :length] = layer.keys if order is None else layer.keys[order]
-        values[own, :, :length] = layer.values if order is None else layer.values[order]
-        start += batch
+    beam order or None), stacked by rows and right-padded with zeros to the longest encoder output. Sessions that
+    a batch left holding views of its stacked tensors (`_share_cross_layer`), one after the other, need no copy
+    unless beams reorder them."""
+    keys, values = _stacked_views(layers, "keys"), _stacked_views(layers, "values")
+    rows = [layer.keys.shape[0] for layer in layers]
+    if keys is not None and values is not None:
+        if any(order is not None for order in orders):
+            starts = itertools.accumulate(rows, initial=0)
+            index = [start + (torch.arange(batch) if order is None else order.cpu()) for start, batch, order in zip(starts, rows, orders)]
+            index = torch.cat(index).to(keys.device)
+            keys, values = keys[index], values[index]
+    else:
+        reference = layers[0]
+        source = max(layer.keys.shape[-2] for layer in layers)
+        keys = reference.keys.new_zeros(sum(rows), reference.keys.shape[1], source, reference.keys.shape[3])
+        values = reference.values.new_zeros(sum(rows), reference.values.shape[1], source, reference.values.shape[3])
+        start = 0
+        for layer, batch, order in zip(layers, rows, orders):
+            own, length = slice(start, start + batch), layer.keys.shape[-2]
+            keys[own, :, :length] = layer.keys if order is None else layer.keys[order]
+            values[own, :, :length] = layer.values if order is None else layer.values[order]
+            start += batch
     merged.lazy_initialization(keys, values)
     merged.keys, merged.values = keys, values
+
+
+def _share_cross_layer(own: DynamicLayer, merged: DynamicLayer, rows: slice):
+    """Once a batch has run: the session's cross-attention keys and values (`own`, its rows `rows` of the batch,
+    over encoder outputs of one length) become views of the batch's, which hold them in its new beam order."""
+    own.keys, own.values = merged.keys[rows], merged.values[rows]
+
+
+def _own_cross_layers(cache: EncoderDecoderCache):
+    """Gives a session that runs a step alone cross-attention keys and values of its own, if they are views of a
+    batch's (`_share_cross_layer`), so that it no longer holds the memory of the other sessions' rows."""
+    for layer in cache.cross_attention_cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name)
+            if tensor is not None and tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+                setattr(layer, name, tensor.clone())
+
+
+def _stacked_views(layers: list[DynamicLayer], name: str) -> torch.Tensor | None:
+    """The stacked tensor whose rows the `name` tensors of `layers` are, one after the other (as
+    `_share_cross_layer` leaves them), if they are: they share its memory at consecutive offsets, and fill it."""
+    tensors = [getattr(layer, name) for layer in layers]
+    first, rows = tensors[0], 0
+    memory = first.untyped_storage()
+    for tensor in tensors:
+        if not tensor.is_contiguous() or tensor.shape[1:] != first.shape[1:]:
+            return None
+        if tensor.untyped_storage().data_ptr() != memory.data_ptr() or tensor.storage_offset() != rows * first.stride(0):
+            return None
+        rows += tensor.shape[0]
+    if rows * first.stride(0) * first.element_size() != memory.nbytes():
+        return None
+    return first.as_strided((rows, *first.shape[1:]), first.stride(), 0)
 
 
 def _cross_mask(steps: list[tuple[Tensors, SequenceState]], stacked: StackedRows, sources: list[int]) -> torch.Tensor | None:
