@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 
 import psutil
 import pytest
@@ -13,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from swarm import AutoDistributedModel
 from swarm.launch import LocalSwarm, preload_peers, start_bootstrap
+from swarm.transport import Connection
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 preload_peers()  # the suite starts hundreds of peers: each forks from one process that imported torch once
@@ -118,3 +120,31 @@ def reap_children():
                 child.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
+
+
+def server_info(address: str) -> dict:
+    connection = Connection(address, timeout=30)
+    try:
+        return connection.request({"method": "info"})[0]
+    finally:
+        connection.close()
+
+
+def generate_concurrently(model, jobs: dict, *others: threading.Thread) -> dict:
+    """Runs `model.generate(input_ids, **kwargs)` for every job (name -> (input_ids, kwargs)) in a thread of its
+    own, beside `others`; returns each job's output once all have ended, or raises if any failed."""
+    outputs, errors = {}, []
+
+    def generate(name, input_ids, kwargs):
+        try:
+            outputs[name] = model.generate(input_ids, output_logits=True, return_dict_in_generate=True, **kwargs)
+        except Exception as error:
+            errors.append((name, error))
+
+    threads = [threading.Thread(target=generate, args=(name, *job)) for name, job in jobs.items()] + list(others)
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    assert not errors and not any(thread.is_alive() for thread in threads), errors
+    return outputs

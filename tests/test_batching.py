@@ -24,7 +24,7 @@ from swarm.models.base import load_span
 from swarm.server.batching import ComputeThread
 from swarm.spans import BlockSpan
 from swarm.transport import Connection
-from tests.conftest import ATOL, assert_same_generation
+from tests.conftest import ATOL, assert_same_generation, generate_concurrently, server_info
 from tests.test_architectures import ARCHITECTURES, make_model
 from tests.test_fast_path import load
 from tests.test_mixtral import make_tiny_mixtral
@@ -398,14 +398,6 @@ def batching_swarm(tiny_llama, tmp_path_factory):
         yield swarm
 
 
-def server_info(address: str) -> dict:
-    connection = Connection(address, timeout=30)
-    try:
-        return connection.request({"method": "info"})[0]
-    finally:
-        connection.close()
-
-
 def bad_step_in_a_batch(address: str, hidden_size: int, steps: int, results: dict):
     """A client of its own on the first server: a prefill, then decode steps, one of which names beams its session
     does not hold; records the error it gets, and that the steps after it still run."""
@@ -425,26 +417,6 @@ def bad_step_in_a_batch(address: str, hidden_size: int, steps: int, results: dic
                 results["length"] = reply["length"]
     finally:
         connection.close()
-
-
-def generate_concurrently(model, jobs: dict, *others: threading.Thread) -> dict:
-    """Runs `model.generate(input_ids, **kwargs)` for every job (name -> (input_ids, kwargs)) in a thread of its
-    own, beside `others`; returns each job's output once all have ended, or raises if any failed."""
-    outputs, errors = {}, []
-
-    def generate(name, input_ids, kwargs):
-        try:
-            outputs[name] = model.generate(input_ids, output_logits=True, return_dict_in_generate=True, **kwargs)
-        except Exception as error:
-            errors.append((name, error))
-
-    threads = [threading.Thread(target=generate, args=(name, *job)) for name, job in jobs.items()] + list(others)
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=240)
-    assert not errors and not any(thread.is_alive() for thread in threads), errors
-    return outputs
 
 
 def assert_batching_swarm_matches_local(directory, spans: list[str], jobs: dict, local, logs, **local_kwargs):

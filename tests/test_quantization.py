@@ -15,7 +15,7 @@ from swarm.client.config import ClientConfig
 from swarm.errors import MissingBlocksError
 from swarm.launch import LocalSwarm
 from swarm.quantization import quantize_linears
-from tests.conftest import assert_same_generation, generate_both, make_tiny_llama
+from tests.conftest import assert_same_generation, generate_both, generate_concurrently, make_tiny_llama, server_info
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 5, 61, 23, 7]])
 
@@ -90,8 +90,6 @@ def test_an_int8_server_runs_concurrent_sessions_steps_alone(tiny_llama, swarm):
     """LLM.int8 computes a batch's rows together (an outlier in one row changes how the others are multiplied),
     so the int8 server runs each session's steps alone, and each concurrent generation is the local int8 model's;
     the float32 server after it batches the same sessions' steps."""
-    from tests.test_batching import generate_concurrently, server_info
-
     model = connect(tiny_llama, swarm, pinned_peers={peer_id(swarm.servers[0])}, min_precision="int8")
     before = [server_info(server.address) for server in swarm.servers[:2]]
     jobs = {f"prompt {length}": (PROMPT[:, :length], {"max_new_tokens": 12, "do_sample": False}) for length in (3, 5, 8)}

