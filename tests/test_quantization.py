@@ -182,6 +182,16 @@ def test_blocks_are_quantized_as_transformers_quantizes_a_whole_model(quant_type
     assert max(largest) > 6, largest
 
 
+def loaded_by_transformers(model_class, directory, dtype: torch.dtype, quant_type: str):
+    """The model at `directory` as transformers loads it in `dtype`, quantized by `BitsAndBytesConfig`'s defaults."""
+    quantization = {
+        "none": None,
+        "int8": BitsAndBytesConfig(load_in_8bit=True),
+        "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype),
+    }[quant_type]
+    return model_class.from_pretrained(directory, dtype=dtype, quantization_config=quantization, device_map="cpu").eval()
+
+
 # shapes bitsandbytes' nf4 CPU kernel takes (whole blocks of 64 inputs and 32 outputs), which transformers' nf4
 # models need: they run it on every layer
 NF4_SHAPES = {"falcon": dict(hidden_size=64), "gpt2": dict(n_embd=64), "bloom": dict(hidden_size=64),
@@ -202,12 +212,7 @@ def test_decoder_blocks_hold_their_layers_as_transformers_loads_the_model(name, 
 
     directory = make_model(tmp_path / name, name, **NF4_SHAPES[name])
     dtype = getattr(torch, dtype)
-    quantization = {
-        "none": None,
-        "int8": BitsAndBytesConfig(load_in_8bit=True),
-        "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype),
-    }[quant_type]
-    local = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, quantization_config=quantization, device_map="cpu").eval()
+    local = loaded_by_transformers(AutoModelForCausalLM, directory, dtype, quant_type)
     config, weights = load_model_config(directory, FAMILIES)
     family = family_for(config)
     config = family.prepare_config(config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BitsAndBytesConfig, DynamicCache, EncoderDecoderCache, T5Config, T5ForConditionalGeneration
+from transformers import DynamicCache, EncoderDecoderCache, T5Config, T5ForConditionalGeneration
 
 from swarm import AutoDistributedModel
 from swarm.client.seq2seq_lm import DistributedModelForSeq2SeqLM
@@ -13,6 +13,7 @@ from swarm.spans import BlockSpan
 from tests.conftest import ATOL, assert_same_generation
 from tests.test_fast_path import load
 from tests.test_push import push_counts
+from tests.test_quantization import loaded_by_transformers
 from tests.test_speculative import counted_crops
 
 
@@ -161,12 +162,7 @@ def test_blocks_in_lower_precisions_compute_what_transformers_loads(tmp_path, dt
     the feed-forward output layer (`wo`) in float32 in float16 and never quantized, as T5's class asks."""
     directory = make_tiny_t5(tmp_path / "tiny-t5", initializer_factor=1.0, d_model=64, d_kv=16, num_heads=4, d_ff=128)
     dtype = getattr(torch, dtype)
-    quantization = {
-        "none": None,
-        "int8": BitsAndBytesConfig(load_in_8bit=True),
-        "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype),
-    }[quant_type]
-    local = T5ForConditionalGeneration.from_pretrained(directory, dtype=dtype, quantization_config=quantization, device_map="cpu").eval()
+    local = loaded_by_transformers(T5ForConditionalGeneration, directory, dtype, quant_type)
     family, loaded = load(directory, BlockSpan(0, 2), dtype, quant_type=quant_type)
     wo = loaded.blocks[0].layer[1].DenseReluDense.wo
     assert type(wo) is torch.nn.Linear and wo.weight.dtype == (torch.float32 if dtype == torch.float16 else dtype)
