@@ -252,9 +252,7 @@ def load_span(
 def _keep_in_float32(block: nn.Module, tensors: Tensors, rules: PrecisionRules, path: str, dtype: torch.dtype, device):
     """Puts back in float32, from its checkpoint tensor, each tensor of `block` (at `path` in its model) that
     transformers keeps in float32 when it loads the model in `dtype`."""
+    held = block.state_dict(keep_vars=True)  # its parameters and buffers themselves
     for name, tensor in tensors.items():
         if rules.keeps_in_float32(f"{path}.{name}", dtype):
-            owner, _, leaf = name.rpartition(".")
-            holder = block.get_submodule(owner)
-            held = holder._parameters[leaf] if leaf in holder._parameters else holder._buffers[leaf]
-            held.data = tensor.to(device=device, dtype=torch.float32)
+            held[name].data = tensor.to(device=device, dtype=torch.float32)
