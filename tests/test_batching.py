@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, T5ForConditionalGeneration
 
 from swarm import AutoDistributedModel
 from swarm.checkpoint import CheckpointIndex, load_model_config
+from swarm.client.joining import JoinedCalls, join_concurrent_calls
 from swarm.errors import BadRequestError
 from swarm.launch import LocalSwarm
 from swarm.models import FAMILIES, family_for
@@ -440,8 +441,17 @@ def assert_batching_swarm_matches_local(directory, spans: list[str], jobs: dict,
 
 def test_concurrent_clients_batch_and_each_gets_the_local_models_output(batching_swarm, tiny_llama, local_tiny_llama):
     """Sessions of different lengths and batch sizes (one left-padded, one with beams, one that ends early, one
-    with a bad step) step together; every generation matches the local model's."""
+    with a bad step) step together, and the clients' heads join; every generation matches the local model's."""
     model = AutoDistributedModel.from_pretrained(tiny_llama, initial_peers=batching_swarm.initial_peers, coverage_timeout=30)
+    head = model.get_output_embeddings().forward
+    assert isinstance(head, JoinedCalls)
+    linear = head.forward
+
+    def slow_head(rows):  # as slow as a real model's head, so that the clients' heads overlap and join
+        time.sleep(0.02)
+        return linear(rows)
+
+    head.forward = slow_head
     before = [server_info(server.address) for server in batching_swarm.servers]
     padded = torch.tensor([[7, 8, 9, 10, 11, 12], [0, 0, 13, 14, 15, 16]])
     jobs = {
@@ -462,6 +472,7 @@ def test_concurrent_clients_batch_and_each_gets_the_local_models_output(batching
     for name, (input_ids, kwargs) in jobs.items():
         expected = local_tiny_llama.generate(input_ids, output_logits=True, return_dict_in_generate=True, **kwargs)
         assert_same_generation(outputs[name], expected)
+    assert head.joined > 0
     after = [server_info(server.address) for server in batching_swarm.servers]
     for old, new in zip(before, after):
         assert new["batches"] > old["batches"] and new["steps_batched"] >= 2 * (new["batches"] - old["batches"])
@@ -496,3 +507,81 @@ def test_concurrent_sessions_of_an_encoder_decoder_batch(tmp_path_factory):
     }
     logs = tmp_path_factory.mktemp("logs")
     assert_batching_swarm_matches_local(directory, ["0:4", "4:7"], jobs, local, logs, cache=fresh_cache)
+
+
+def call_while_a_product_runs(head, joined, release: threading.Event, calls: dict) -> dict:
+    """Calls `head` with `calls` (name -> (rows, mode)): the first alone, held in its product until the others
+    wait for it; returns each call's output or error."""
+    outcomes = {}
+
+    def call(name):
+        rows, mode = calls[name]
+        with mode():
+            try:
+                outcomes[name] = head(rows)
+            except Exception as error:
+                outcomes[name] = error
+
+    threads = [threading.Thread(target=call, args=(name,)) for name in calls]
+    threads[0].start()
+    deadline = time.monotonic() + 30
+    while not joined.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for thread in threads[1:]:
+        thread.start()
+    while joined.queued < len(calls) - 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    release.clear()
+    return outcomes
+
+
+def test_concurrent_calls_of_a_joined_head_run_as_one_product_each_with_its_own_rows():
+    """Calls that come while a product runs wait for it, then run as one (rows of any leading shape, in inference
+    mode or not); a call whose rows the head does not take, or that fails the joined product, fails alone."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(48, 97)
+    linear, release = head.forward, threading.Event()
+
+    def gated(rows):  # each product waits for the test; a row of infinities stands for bad input
+        assert release.wait(30)
+        if torch.isinf(rows).any():
+            raise ValueError("infinite rows")
+        return linear(rows)
+
+    head.forward = gated
+    joined = join_concurrent_calls(head)
+    assert head.forward is joined and isinstance(head, torch.nn.Linear) and set(head.state_dict()) == {"weight", "bias"}
+    calls = {
+        "first": (torch.randn(1, 1, 48), torch.inference_mode),
+        "block": (torch.randn(2, 3, 48), torch.inference_mode),
+        "row": (torch.randn(48), torch.inference_mode),
+        "no grad": (torch.randn(1, 5, 48), torch.no_grad),
+        "no grad too": (torch.randn(2, 1, 48), torch.no_grad),
+        "wrong width": (torch.randn(1, 1, 47), torch.inference_mode),
+    }
+    outcomes = call_while_a_product_runs(head, joined, release, calls)
+    assert joined.joined == 2  # inference mode's two calls, and no_grad's two
+    assert isinstance(outcomes["wrong width"], RuntimeError)
+    for name, (rows, mode) in calls.items():
+        if name != "wrong width":
+            with mode():
+                torch.testing.assert_close(outcomes[name], linear(rows), atol=1e-6, rtol=0)
+            assert outcomes[name].is_inference() == (mode is torch.inference_mode)
+
+    calls = {name: (rows, torch.inference_mode) for name, rows in
+             [("first", torch.randn(1, 1, 48)), ("good", torch.randn(1, 1, 48)),
+              ("infinite", torch.full((1, 1, 48), float("inf"))), ("good too", torch.randn(3, 48))]}  # fmt: skip
+    outcomes = call_while_a_product_runs(head, joined, release, calls)
+    assert joined.joined == 2  # the joined product failed: each of its calls ran alone
+    assert isinstance(outcomes["infinite"], ValueError)
+    with torch.inference_mode():
+        for name in ["first", "good", "good too"]:
+            torch.testing.assert_close(outcomes[name], linear(calls[name][0]), atol=1e-6, rtol=0)
+    with torch.enable_grad():
+        rows = torch.randn(1, 48, requires_grad=True)
+        release.set()
+        head(rows).sum().backward()  # with gradients, a call runs as it is, alone
+    assert rows.grad is not None and joined.joined == 2

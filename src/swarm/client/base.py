@@ -25,6 +25,7 @@ from transformers import GenerationConfig, PreTrainedModel
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, _active_collector  # what a forward records
 
 from swarm.checkpoint import CheckpointIndex
+from swarm.client.joining import join_concurrent_calls
 from swarm.client.remote import RemoteBlocks
 from swarm.client.session import InferenceSession
 from swarm.errors import ConfigurationError, UnsupportedModelError
@@ -50,6 +51,9 @@ class SwarmModelMixin:
     def from_swarm(cls, path: Path, weights_path: Path, config, family: ModelFamily, remote: RemoteBlocks, dtype):
         """The client side of the model at `path`, its blocks served by `remote`'s swarm."""
         model = load_client_model(weights_path, config, family, remote, dtype, cls)
+        head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+        if isinstance(head, nn.Linear):  # threads generating side by side (the HTTP API's requests) share its products
+            join_concurrent_calls(head)
         model.name_or_path = str(path)  # where its tokenizer and other files are, as for a local model
         if (path / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(path)
