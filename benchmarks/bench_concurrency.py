@@ -1,6 +1,6 @@
 """Concurrency benchmark: many clients generating at once from one swarm, with continuous batching on and off.
 
-    python benchmarks/bench_concurrency.py [--clients 1 2 4 8 16] [--new-tokens 64] [--batch-wait-ms 5]
+    python benchmarks/bench_concurrency.py [--clients 1 2 4 8 16] [--new-tokens 64] [--batch-wait-ms 100]
                                            [--server-cpus 0] [--client-cpus 1] [--torch-dtype bfloat16]
 
 SmolLM2-135M-Instruct (float32, or `--torch-dtype`: the servers' blocks and the client's head) is served by one server hosting all 30 blocks, then by a chain of 3 servers
@@ -13,6 +13,12 @@ latency), the steps per batch the servers ran, how busy their compute threads we
 wall time, summed over the servers) and their compute time per forward (a batch, or a step run alone). Targets
 (issue 18): with batching, 8 clients make >= 4x the aggregate tokens/s of one client, at a p50 step latency <= 2x
 one client's.
+
+The servers wait `--batch-wait-ms` 100 by default, not their own default of 5: a wait shorter than the clients'
+turnaround (from a step's reply to the next step: here 8 threads' `generate` loops and their head, on one core)
+splits the clients into two groups that take turns, each sending its steps while the server computes the other's
+batch, so that batches hold half of them. The clients' heads join (`swarm.client.joining`): a head over 8 rows
+costs what one over 1 row costs in bfloat16.
 
 The clients' own work (embeddings, head, sampling) runs on this machine's cores beside the servers', unless
 `--server-cpus` and `--client-cpus` give each side cores of its own (as separate machines would; each side then
@@ -108,7 +114,7 @@ def blocks_alone(checkpoint, batch_sizes: list[int], dtype: torch.dtype, repeats
     seconds = {}
     with torch.inference_mode():
         for batch in batch_sizes:
-            cache = model.model(torch.randint(0, 1000, (batch, 40)), use_cache=True).past_key_values
+            cache = model.model(torch.randint(0, 1000, (batch, 40)), use_cache=True).cache
             token, times = torch.randint(0, 1000, (batch, 1)), []
             for _ in range(repeats):
                 started = time.perf_counter()
@@ -168,7 +174,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="the servers' setting when batching is on")
+    parser.add_argument("--batch-wait-ms", type=float, default=100.0, help="the servers' setting when batching is on")
     parser.add_argument("--topologies", nargs="+", choices=list(TOPOLOGIES), default=list(TOPOLOGIES))
     parser.add_argument("--server-cpus", help="CPUs of the servers (as taskset writes them: 0-3,6); with --client-cpus")
     parser.add_argument("--client-cpus", help="CPUs of the clients; default: the servers and clients share every CPU")
