@@ -10,7 +10,7 @@ from swarm import AutoDistributedModel
 from swarm.client.seq2seq_lm import DistributedModelForSeq2SeqLM
 from swarm.launch import LocalSwarm
 from swarm.spans import BlockSpan
-from tests.conftest import ATOL, assert_same_generation
+from tests.conftest import ATOL, assert_same_generation, generate_concurrently, server_info
 from tests.test_fast_path import load
 from tests.test_push import push_counts
 from tests.test_quantization import loaded_by_transformers
@@ -172,3 +172,40 @@ def test_blocks_in_lower_precisions_compute_what_transformers_loads(tmp_path, dt
         inputs = {"hidden_states": local.encoder.embed_tokens(input_ids), "attention_mask": attention_mask}
         served = family.forward(loaded, BlockSpan(0, 2), inputs, None, None)["hidden_states"]
     torch.testing.assert_close(served, expected, atol=0, rtol=0)
+
+
+def test_a_float16_swarm_computes_what_transformers_computes_in_float16(tmp_path):
+    """Servers in float16 (spans starting within a stack) and a float16 client give the local float16 model's
+    logits and hidden states to the bit, and its tokens when their sessions batch. transformers keeps `wo` in float32 there, so the hidden states
+    between blocks are float32 from each stack's first feed-forward on: they travel so between servers and back."""
+    directory = make_tiny_t5(tmp_path / "tiny-t5", initializer_factor=1.0)
+    local = T5ForConditionalGeneration.from_pretrained(directory, dtype=torch.float16).eval()
+    input_ids, attention_mask = encoder_batch()
+    arguments = dict(attention_mask=attention_mask, decoder_input_ids=torch.tensor([[0, 5, 7], [0, 9, 3]]), output_hidden_states=True)
+    jobs = {name: (torch.tensor([prompt]), {"max_new_tokens": 6, "cache": fresh_cache()})
+            for name, prompt in [("a", [5, 6, 7, 8]), ("b", [20, 21, 22, 23]), ("c", [40, 41, 42, 43])]}  # fmt: skip
+    server_args = ("--torch-dtype", "float16", "--batch-wait-ms", "100")
+    with LocalSwarm(directory, ["0:2", "2:5", "5:7"], server_args=server_args, log_dir=tmp_path / "logs") as swarm:
+        model = AutoDistributedModel.from_pretrained(directory, initial_peers=swarm.initial_peers, dtype=torch.float16)
+        try:
+            assert all(record.travel_dtype == "float32" for record in model.remote.fetch_records()[0])
+            with torch.no_grad():
+                remote, expected = model(input_ids, **arguments), local(input_ids, **arguments)
+            alone = {name: model.generate(prompt, output_logits=True, return_dict_in_generate=True, **kwargs)
+                     for name, (prompt, kwargs) in jobs.items()}  # fmt: skip
+            together = generate_concurrently(model, {name: (prompt, {**kwargs, "cache": fresh_cache()}) for name, (prompt, kwargs) in jobs.items()})
+            batches = sum(server_info(server.address)["batches"] for server in swarm.servers)
+        finally:
+            model.remote.shutdown()
+    torch.testing.assert_close(remote.logits, expected.logits, atol=0, rtol=0)
+    for name in ("encoder_hidden_states", "decoder_hidden_states"):
+        for got, want in zip(remote[name], expected[name], strict=True):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert batches > 0
+    for name, (prompt, kwargs) in jobs.items():
+        want = local.generate(prompt, output_logits=True, return_dict_in_generate=True, **{**kwargs, "cache": fresh_cache()})
+        assert torch.equal(alone[name].sequences, want.sequences) and torch.equal(together[name].sequences, want.sequences)
+        for got, batched, wanted in zip(alone[name].logits, together[name].logits, want.logits, strict=True):
+            torch.testing.assert_close(got, wanted, atol=0, rtol=0)
+            # a batch's products over more rows round differently in float16 (by a unit in the last place or two)
+            torch.testing.assert_close(batched, wanted, atol=1e-2, rtol=0)

@@ -29,6 +29,7 @@ from hivemind.utils import get_dht_time
 from swarm.identity import Identity, key_id, signed_by
 from swarm.quantization import QUANT_TYPES
 from swarm.spans import BlockSpan
+from swarm.wire import FLOAT_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class ServerRecord:
     address: str  # "host:port" of its tensor transport
     dtype: str  # dtype of the hidden states it takes and returns, and of its weights unless quantized
     quant_type: str = "none"  # "int8" or "nf4" if its blocks' linear layers are quantized (`swarm.quantization`)
+    travel_dtype: str | None = None  # what hidden states travel to and from it in, unless a client asks for another,
+    # where wider than `dtype` (its model's own code widens them between blocks: `ModelFamily.residual_dtype`)
     public_key: str = ""  # hex of its identity's Ed25519 public key, whose `key_id` is `peer_id`
     signed_at: float = 0.0  # seconds since the epoch when it signed the record, by its clock
     signature: str = ""  # hex of its signature of `payload()`
@@ -108,6 +111,7 @@ class ServerRecord:
             and ":" in record.address
             and isinstance(record.dtype, str)
             and record.quant_type in QUANT_TYPES
+            and record.travel_dtype in (None, *FLOAT_DTYPES)
             and isinstance(record.public_key, str)
             and isinstance(record.signed_at, (int, float))
             and isinstance(record.signature, str)

@@ -41,6 +41,7 @@ class SwarmModelMixin:
 
     family: ModelFamily
     remote: RemoteBlocks
+    residual_dtype: torch.dtype  # what hidden states go to the swarm in (`ModelFamily.residual_dtype`)
 
     def attach_swarm(self, family: ModelFamily, remote: RemoteBlocks):
         self.family = family
@@ -164,7 +165,7 @@ class RemoteStack(nn.Module):
         if kwargs.get("position_ids") is not None and "position_ids" in self.stack.inputs:
             values["position_ids"] = kwargs["position_ids"]
         session = model.step_session() if self.runs_sessions else None
-        tokens, tensors = hidden_states.shape[1], {"hidden_states": hidden_states}
+        tokens, tensors = hidden_states.shape[1], {"hidden_states": hidden_states.to(model.residual_dtype)}
         for name, value in values.items():
             if isinstance(value, torch.Tensor) and name in MASKS and value.ndim != 2:
                 raise UnsupportedModelError(
@@ -260,4 +261,5 @@ def load_client_model(weights_path: Path, config, family: ModelFamily, remote: R
     still_empty = [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()) if tensor.is_meta]
     if still_empty:
         raise ConfigurationError(f"the checkpoint at {weights_path} lacks client-side tensors {still_empty}")
+    model.residual_dtype = family.residual_dtype(config, dtype)
     return model.to(dtype).eval().requires_grad_(False)

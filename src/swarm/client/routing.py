@@ -24,12 +24,13 @@ MIN_THROUGHPUT = 1e-3  # tokens/s assumed for a server that announces 0 (not mea
 class Hop:
     server: ServerRecord  # who runs these blocks
     span: BlockSpan  # the blocks it runs for this route (within the server's span)
-    wire_dtype: str | None = None  # what floating-point tensors travel to it in; None: the server's dtype
+    wire_dtype: str | None = None  # what floating-point tensors travel to it in; None: the server's (its record's
+    # `travel_dtype`, else its dtype)
 
     @property
     def travel_dtype(self) -> str:
         """The dtype the hop's floating-point tensors travel in, both ways."""
-        return self.wire_dtype or self.server.dtype
+        return self.wire_dtype or self.server.travel_dtype or self.server.dtype
 
     def __str__(self) -> str:
         return f"{self.span} via {self.server.address} ({self.server.peer_id[-8:]})"

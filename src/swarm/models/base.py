@@ -54,6 +54,8 @@ class LoadedSpan:
     helpers: dict[str, nn.Module] = field(default_factory=dict)  # weightless modules shared by blocks
     fast_path: bool = False  # blocks run through the family's fast path, found identical when loaded
     quant_type: str = "none"  # how the blocks' linear layers hold their weights (see `swarm.quantization`)
+    residual_dtype: torch.dtype | None = None  # hidden states between blocks, where wider than `dtype`
+    # (`ModelFamily.residual_dtype`: T5 in float16); None: `dtype`
 
     def blocks_of(self, sub_span: BlockSpan) -> list[nn.Module]:
         return list(self.blocks[sub_span.start - self.span.start : sub_span.end - self.span.start])
@@ -118,6 +120,20 @@ class ModelFamily(ABC):
     @abstractmethod
     def build_blocks(self, config, span: BlockSpan) -> list[nn.Module]:
         """Builds blocks `span` (called on the meta device: their weights are loaded afterwards)."""
+
+    def residual_dtype(self, config, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the hidden states between blocks, in the model held in `dtype`: `dtype`, unless the model's
+        own code widens them (T5 in float16 keeps its feed-forward output layer in float32, so that its hidden
+        states are float32 from each stack's first block on). They travel between servers in it, and a stage's first
+        block takes its input in `dtype` (`input_dtype`)."""
+        return dtype
+
+    def input_dtype(self, loaded: LoadedSpan, sub_span: BlockSpan) -> torch.dtype:
+        """The dtype of the hidden states `sub_span` takes: the server's, or at a block past the first of its stage,
+        the wider one between blocks (`residual_dtype`)."""
+        if loaded.residual_dtype is None or any(stage.start == sub_span.start for stage in self.stages(loaded.config)):
+            return loaded.dtype
+        return loaded.residual_dtype
 
     def precision_rules(self, config) -> PrecisionRules | None:
         """How transformers holds the model's modules in lower precisions (which layers it quantizes, what it keeps
@@ -245,6 +261,8 @@ def load_span(
         # in the blocks' dtype, as in the whole model loaded in it (whose buffers, rotary frequencies, stay float32)
         parameter.data = parameter.data.to(dtype)
     loaded = LoadedSpan(config, span, nn.ModuleList(blocks), dtype, torch.device(device), helpers, quant_type=quant_type)
+    if (residual := family.residual_dtype(config, dtype)) != dtype:
+        loaded.residual_dtype = residual
     loaded.fast_path = quant_type == "none" and family.check_fast_path(loaded)  # fast paths read plain weights
     return loaded
 

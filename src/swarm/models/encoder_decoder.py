@@ -89,10 +89,11 @@ class EncoderDecoderFamily(ModelFamily):
         return (ENCODER, index) if index < count else (DECODER, index - count)
 
     def example_inputs(self, loaded: LoadedSpan) -> Tensors:
-        hidden = torch.zeros(1, 1, self.width(loaded.config), dtype=loaded.dtype, device=loaded.device)
+        dtype = self.input_dtype(loaded, BlockSpan(loaded.span.start, loaded.span.start + 1))
+        hidden = torch.zeros(1, 1, self.width(loaded.config), dtype=dtype, device=loaded.device)
         inputs = {"hidden_states": hidden}
         if self.stack_of(loaded.config, loaded.span.start)[0] == DECODER:
-            inputs["encoder_hidden_states"] = hidden.clone()
+            inputs["encoder_hidden_states"] = hidden.to(loaded.dtype, copy=True)
         return inputs
 
     def new_session_state(self, loaded: LoadedSpan, sub_span: BlockSpan, max_length: int) -> SequenceState:
@@ -104,7 +105,7 @@ class EncoderDecoderFamily(ModelFamily):
 
     def check_inputs(self, loaded: LoadedSpan, inputs: Tensors, state, max_length, sub_span: BlockSpan, phase):
         width, stack = self.width(loaded.config), self.stack_of(loaded.config, sub_span.start)[0]
-        batch, tokens = check_hidden_states(inputs, "hidden_states", width, loaded.dtype)
+        batch, tokens = check_hidden_states(inputs, "hidden_states", width, self.input_dtype(loaded, sub_span))
         if stack == ENCODER:
             allowed = {"hidden_states", "output_layers"} | ({"attention_mask"} if self.encoder_takes_mask(loaded.config) else set())
         else:

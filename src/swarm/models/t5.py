@@ -59,6 +59,10 @@ class T5Family(EncoderDecoderFamily):
         with init_empty_weights():
             return PrecisionRules.of(T5ForConditionalGeneration(config))
 
+    def residual_dtype(self, config, dtype: torch.dtype) -> torch.dtype:
+        wo = f"{self.block_path(config, 0)}.layer.1.DenseReluDense.wo.weight"
+        return torch.float32 if self.precision_rules(config).keeps_in_float32(wo, dtype) else dtype
+
     def block_path(self, config, index: int) -> str:
         stack, position = self.stack_of(config, index)
         return f"{stack}.block.{position}"
@@ -90,7 +94,7 @@ class T5Family(EncoderDecoderFamily):
 
     def run_encoder(self, loaded: LoadedSpan, sub_span: BlockSpan, hidden, mask, keep: Keep):
         config = self.stack_config(loaded.config, ENCODER)
-        mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask)
+        mask = create_bidirectional_mask(config=config, inputs_embeds=_as_embeddings(loaded, hidden), attention_mask=mask)
         position_bias = loaded.helpers[ENCODER].compute_bias(hidden.shape[1], hidden.shape[1], device=hidden.device)
         for index, block in zip(sub_span, loaded.blocks_of(sub_span)):
             hidden, position_bias, _ = block(hidden, mask, position_bias)
@@ -102,13 +106,13 @@ class T5Family(EncoderDecoderFamily):
         tokens, past, cache = hidden.shape[1], step.past, step.cache
         encoder_hidden = step.kept["encoder_hidden_states"]
         self_cache = cache.self_attention_cache if cache is not None else None
-        first_layer = self.stack_of(loaded.config, sub_span.start)[1]
+        first_layer, embeddings = self.stack_of(loaded.config, sub_span.start)[1], _as_embeddings(loaded, hidden)
         causal_mask = create_causal_mask(
-            config=config, inputs_embeds=hidden, attention_mask=step.mask, cache=self_cache, layer_idx=first_layer
+            config=config, inputs_embeds=embeddings, attention_mask=step.mask, cache=self_cache, layer_idx=first_layer
         )
         cross_mask = create_bidirectional_mask(
             config=config,
-            inputs_embeds=hidden,
+            inputs_embeds=embeddings,
             attention_mask=step.kept.get("encoder_attention_mask"),
             encoder_hidden_states=encoder_hidden,
         )
@@ -135,3 +139,9 @@ class T5Family(EncoderDecoderFamily):
             ClientStack("decoder.block", stage=1, inputs=("attention_mask", *KEPT), kept=KEPT, returns=3),
         )
 
+
+
+def _as_embeddings(loaded: LoadedSpan, hidden: torch.Tensor) -> torch.Tensor:
+    """What the masks are made from: the whole model makes them from its embeddings, in the blocks' dtype, even where
+    its hidden states between blocks are wider (float32 in float16)."""
+    return hidden if hidden.dtype == loaded.dtype else hidden[:, :, :1].to(loaded.dtype)

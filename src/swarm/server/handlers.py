@@ -119,7 +119,7 @@ class RequestHandler:
     def rpc_forward(self, fields, tensors, context) -> None:
         sub_span = self._sub_span(fields)
         self._check_size(tensors)
-        inputs, wire = self._in_compute_dtype(tensors)
+        inputs, wire = self._in_compute_dtype(tensors, sub_span)
         self.family.check_inputs(self.loaded, inputs, None, None, sub_span, None)
         self._compute_and_reply(context, self._forward, sub_span, inputs, wire)
 
@@ -184,7 +184,7 @@ class RequestHandler:
         """On the compute thread: runs a step (and pushes it on) and sends its reply from there, one thread switch
         sooner than the connection's thread could. A step whose `position` is not where the session stands is
         answered `stale`; an error reaches the connection's thread unsent, for the transport to answer with."""
-        inputs, wire = self._in_compute_dtype(tensors)
+        inputs, wire = self._in_compute_dtype(tensors, call.session.span)
         with contextlib.ExitStack() as locks, torch.inference_mode():
             if self._ready_to_run(call, inputs, locks, check=False):
                 self._finish_step(call, tensors, self._step(call.session, call.phases, inputs, wire))
@@ -198,7 +198,7 @@ class RequestHandler:
         with contextlib.ExitStack() as locks, torch.inference_mode():
             for index, (call, tensors) in enumerate(steps):
                 try:
-                    inputs, wire = self._in_compute_dtype(tensors)
+                    inputs, wire = self._in_compute_dtype(tensors, call.session.span)
                     if self._ready_to_run(call, inputs, locks, check=True):
                         ready.append((index, inputs, wire))
                 except Exception as error:
@@ -336,14 +336,18 @@ class RequestHandler:
                 )
             time.sleep(0.05)
 
-    def _in_compute_dtype(self, tensors: Tensors) -> tuple[Tensors, torch.dtype]:
-        """A request's tensors with the floating-point ones in the server's dtype, and the dtype they came in."""
+    def _in_compute_dtype(self, tensors: Tensors, sub_span: BlockSpan) -> tuple[Tensors, torch.dtype]:
+        """A request's tensors for `sub_span`, with the floating-point ones in the server's dtype (the hidden states
+        in the one the span takes: `ModelFamily.input_dtype`), and the dtype they came in."""
         dtypes = {tensor.dtype for tensor in tensors.values() if tensor.is_floating_point()}
         require(
             len(dtypes) <= 1 and dtypes <= {DTYPES[name] for name in FLOAT_DTYPES},
             f"floating-point tensors must all be in one of {', '.join(FLOAT_DTYPES)}, got {sorted(map(str, dtypes))}",
         )
-        return _in_dtype(tensors, self.loaded.dtype), next(iter(dtypes), self.loaded.dtype)
+        inputs = _in_dtype(tensors, self.loaded.dtype)
+        if self.loaded.residual_dtype is not None and "hidden_states" in tensors and tensors["hidden_states"].is_floating_point():
+            inputs["hidden_states"] = tensors["hidden_states"].to(self.family.input_dtype(self.loaded, sub_span))
+        return inputs, next(iter(dtypes), self.loaded.dtype)
 
     def _forward(self, sub_span: BlockSpan, tensors: Tensors, wire: torch.dtype) -> Message:
         return {}, _in_dtype(self.family.forward(self.loaded, sub_span, tensors, None, None), wire)

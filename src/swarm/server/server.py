@@ -111,6 +111,7 @@ class Server:
         self.family = family_for(model_config)
         self.model_config = self.family.prepare_config(model_config)
         self.num_blocks = self.family.num_blocks(self.model_config)
+        self.residual_dtype = self.family.residual_dtype(self.model_config, self.config.dtype)
         blocks, num_blocks = self.config.blocks, self.config.num_blocks
         if blocks is not None and blocks.end > self.num_blocks:
             raise ConfigurationError(f"blocks {blocks} are outside the model, which has blocks 0:{self.num_blocks}")
@@ -208,11 +209,12 @@ class Server:
 
     def _transport_limits(self, loaded: LoadedSpan) -> TransportLimits:
         """The configured limits; the largest request by default: `max_request_tokens` rows of each floating-point
-        tensor a request may carry besides the hidden states (an encoder's output, the blocks' outputs), 4 of them."""
+        tensor a request may carry besides the hidden states (an encoder's output, the blocks' outputs), 4 of them, in
+        float32 (the widest dtype a client may ask them to travel in)."""
         config, max_message_size = self.config, self.config.max_message_size
         if max_message_size is None:
             example = self.family.example_inputs(loaded)
-            row_bytes = max(tensor[0].numel() * tensor.element_size() for tensor in example.values())
+            row_bytes = max(tensor[0].numel() * (4 if tensor.is_floating_point() else tensor.element_size()) for tensor in example.values())
             max_message_size = min(wire.MAX_BODY_BYTES, (1 << 20) + 4 * config.max_request_tokens * row_bytes)
         return TransportLimits(
             max_message_bytes=max_message_size,
@@ -264,6 +266,7 @@ class Server:
             address=self.address,
             dtype=dtype_name(self.config.dtype),
             quant_type=self.config.quant_type,
+            travel_dtype=dtype_name(self.residual_dtype) if self.residual_dtype != self.config.dtype else None,
         )
         if not announce(self.dht, self.model_name, record, self.num_blocks, self.config.record_ttl):
             logger.warning(f"Could not store every record of blocks {self.span} in the DHT")
