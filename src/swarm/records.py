@@ -53,7 +53,8 @@ class ServerRecord:
     throughput: float  # tokens per second the server expects to process through its whole span
     version: str  # swarm version of the server
     address: str  # "host:port" of its tensor transport
-    dtype: str  # dtype of the hidden states it takes and returns, and of its weights unless quantized
+    dtype: str  # dtype of its weights unless quantized, and of the hidden states it takes and returns unless
+    # `travel_dtype` names another
     quant_type: str = "none"  # "int8" or "nf4" if its blocks' linear layers are quantized (`swarm.quantization`)
     travel_dtype: str | None = None  # what hidden states travel to and from it in, unless a client asks for another,
     # where wider than `dtype` (its model's own code widens them between blocks: `ModelFamily.residual_dtype`)

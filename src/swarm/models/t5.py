@@ -140,7 +140,6 @@ class T5Family(EncoderDecoderFamily):
         )
 
 
-
 def _as_embeddings(loaded: LoadedSpan, hidden: torch.Tensor) -> torch.Tensor:
     """What the masks are made from: the whole model makes them from its embeddings, in the blocks' dtype, even where
     its hidden states between blocks are wider (float32 in float16)."""
