@@ -7,6 +7,7 @@ real servers further down.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import time
@@ -509,9 +510,15 @@ def test_concurrent_sessions_of_an_encoder_decoder_batch(tmp_path_factory):
     assert_batching_swarm_matches_local(directory, ["0:4", "4:7"], jobs, local, logs, cache=fresh_cache)
 
 
-def call_while_a_product_runs(head, joined, release: threading.Event, calls: dict) -> dict:
+@contextlib.contextmanager
+def autocast_inference():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        yield
+
+
+def call_while_a_product_runs(head, joined, release: threading.Event, calls: dict, queued: int | None = None) -> dict:
     """Calls `head` with `calls` (name -> (rows, mode)): the first alone, held in its product until the others
-    wait for it; returns each call's output or error."""
+    (or `queued` of them) wait for it; returns each call's output or error."""
     outcomes = {}
 
     def call(name):
@@ -529,7 +536,7 @@ def call_while_a_product_runs(head, joined, release: threading.Event, calls: dic
         time.sleep(0.01)
     for thread in threads[1:]:
         thread.start()
-    while joined.queued < len(calls) - 1 and time.monotonic() < deadline:
+    while joined.queued < (len(calls) - 1 if queued is None else queued) and time.monotonic() < deadline:
         time.sleep(0.01)
     release.set()
     for thread in threads:
@@ -540,7 +547,8 @@ def call_while_a_product_runs(head, joined, release: threading.Event, calls: dic
 
 def test_concurrent_calls_of_a_joined_head_run_as_one_product_each_with_its_own_rows():
     """Calls that come while a product runs wait for it, then run as one (rows of any leading shape, in inference
-    mode or not); a call whose rows the head does not take, or that fails the joined product, fails alone."""
+    mode or not); a call whose rows the head does not take, or that fails the joined product, fails alone; a call
+    with gradients or under autocast runs as it is."""
     torch.manual_seed(0)
     head = torch.nn.Linear(48, 97)
     linear, release = head.forward, threading.Event()
@@ -580,8 +588,14 @@ def test_concurrent_calls_of_a_joined_head_run_as_one_product_each_with_its_own_
     with torch.inference_mode():
         for name in ["first", "good", "good too"]:
             torch.testing.assert_close(outcomes[name], linear(calls[name][0]), atol=1e-6, rtol=0)
+    release.set()
     with torch.enable_grad():
         rows = torch.randn(1, 48, requires_grad=True)
-        release.set()
         head(rows).sum().backward()  # with gradients, a call runs as it is, alone
     assert rows.grad is not None and joined.joined == 2
+    release.clear()
+    calls = {"first": (torch.randn(1, 48), torch.inference_mode), "plain": (torch.randn(1, 48), torch.inference_mode),
+             "autocast": (torch.randn(1, 48), autocast_inference)}  # fmt: skip
+    outcomes = call_while_a_product_runs(head, joined, release, calls, queued=1)  # autocast's call does not queue
+    assert outcomes["plain"].dtype == torch.float32 and outcomes["autocast"].dtype == torch.bfloat16
+    assert joined.joined == 2

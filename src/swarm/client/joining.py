@@ -7,9 +7,9 @@ waiting call costs about what one call's costs (in bfloat16 on CPUs with AMX, th
 
 `join_concurrent_calls(module)` makes the module's forward join them: a call that finds no other running computes
 at once, alone (a single client waits for nothing); calls that come while one is computing wait for it, then the
-first of them computes every waiting call's rows in one product and hands each its own rows. Each row is computed
-as the module computes any row: a result differs from the call's alone only by the rounding of a product over
-more rows (within 1e-6 in float32).
+first of them computes every waiting call's rows in one product and hands each its own rows (calls with
+gradients, or under autocast, run alone, as they are). Each row is computed as the module computes any row: a
+result differs from the call's alone only by the rounding of a product over more rows (within 1e-6 in float32).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class JoinedCalls:
             return len(self._waiting)
 
     def __call__(self, rows: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args or kwargs or torch.is_grad_enabled() or not isinstance(rows, torch.Tensor) or rows.numel() == 0:
+        if args or kwargs or not isinstance(rows, torch.Tensor) or rows.numel() == 0 or _thread_bound(rows):
             return self.forward(rows, *args, **kwargs)
         call = _Call(rows, torch.is_inference_mode_enabled())
         with self._condition:
@@ -116,6 +116,12 @@ class JoinedCalls:
         for call, rows in zip(group, output.split([call.rows.numel() // features for call in group])):
             call.output = rows.reshape(*call.rows.shape[:-1], *output.shape[1:])
         return True
+
+
+def _thread_bound(rows: torch.Tensor) -> bool:
+    """Whether a call's result depends on its thread's state beyond the inference mode: gradients recorded for it,
+    or autocast (another thread's product would run without either); such a call runs alone."""
+    return torch.is_grad_enabled() or torch.is_autocast_enabled(rows.device.type)
 
 
 def join_concurrent_calls(module: nn.Module) -> JoinedCalls:
